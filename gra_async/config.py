@@ -1,0 +1,247 @@
+"""Run configuration: pydantic models loaded from TOML, then environment, then flags.
+
+Precedence, lowest first: the model defaults, the TOML file, `GRA_*` environment
+variables (`GRA_RUN__CONCURRENCY=64` sets `run.concurrency`), command-line flags.
+A validation error becomes one `ConfigError` line naming the key and its source.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gra_async import defaults
+from gra_async.errors import ConfigError
+
+__all__ = [
+    "ROLES",
+    "EndpointConfig",
+    "GateConfig",
+    "GenerationConfig",
+    "PlannerConfig",
+    "RunConfig",
+    "RunSettings",
+    "load_config",
+    "parse_endpoint_flag",
+]
+
+Role = Literal["generator", "reviewer", "adjudicator"]
+ROLES: tuple[Role, ...] = ("generator", "reviewer", "adjudicator")
+JsonMode = Literal["json_schema", "json_object", "none"]
+ENV_PREFIX = "GRA_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointConfig(_Strict):
+    """One OpenAI-compatible server (or replica) serving one model."""
+
+    base_url: str
+    model: str | None = None  # None: the first model the server lists
+    api_key_env: str | None = None  # the *name* of the variable; keys never live in config
+    max_concurrency: int = Field(defaults.ENDPOINT_CONCURRENCY, ge=1)
+    rpm: int = Field(0, ge=0)  # 0: unlimited
+    tpm: int = Field(0, ge=0)
+    weight: float = Field(1.0, gt=0)
+    connect_timeout: float = Field(defaults.CONNECT_TIMEOUT, gt=0)
+    read_timeout: float = Field(defaults.READ_TIMEOUT, gt=0)
+    json_mode: JsonMode = "json_schema"  # how this server takes structured output (DESIGN.md §8)
+    price_in: float = Field(0.0, ge=0)  # per million prompt tokens, for the cost line
+    price_out: float = Field(0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric port
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid port") from None
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not value.replace("_", "").isalnum()):
+            raise ValueError(
+                "must be the NAME of an environment variable holding the key, not the key itself"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """How messages name this endpoint: its model and URL, never its key."""
+        return f"{self.model or '?'}@{self.base_url}"
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"endpoint {self.label}: environment variable {self.api_key_env} is not set "
+                "(export it with the API key, or drop api_key_env)"
+            )
+        return key
+
+
+class GateConfig(_Strict):
+    """The decision rule over the review panel (DESIGN.md §1)."""
+
+    criteria: tuple[str, ...] = defaults.CRITERIA
+    accept_mean: float = Field(defaults.ACCEPT_MEAN, ge=defaults.SCORE_MIN, le=defaults.SCORE_MAX)
+    disagreement_std: float = Field(defaults.DISAGREEMENT_STD, ge=0)
+    adjudicator: bool = True  # False: the ablation without an adjudicator (disagreement -> mean decides)
+    invalid_reply_retries: int = Field(defaults.INVALID_REPLY_RETRIES, ge=0)
+
+
+class GenerationConfig(_Strict):
+    few_shot: int = Field(defaults.FEW_SHOT, ge=0)
+    temperature: float = Field(defaults.GENERATION_TEMPERATURE, ge=0, le=2)
+    max_tokens: int = Field(defaults.GENERATION_MAX_TOKENS, ge=16)
+    review_temperature: float = Field(defaults.REVIEW_TEMPERATURE, ge=0, le=2)
+    review_max_tokens: int = Field(defaults.REVIEW_MAX_TOKENS, ge=16)
+    verdict_max_tokens: int = Field(defaults.VERDICT_MAX_TOKENS, ge=16)
+
+
+class PlannerConfig(_Strict):
+    """Where seeds come from and how their fields map onto ours."""
+
+    seeds: Path | None = None  # None: the bundled seed set
+    instruction_field: str | None = None  # None: detect (instruction / prompt / question)
+    input_field: str | None = None  # Alpaca's optional context, appended to the instruction
+    response_field: str | None = None  # None: detect (response / output / answer)
+    domain_field: str | None = None  # None: "domain" / "category" when present, else clustered
+    domains: int = Field(8, ge=1)  # clusters when domains are derived
+    near_dup_threshold: float = Field(defaults.NEAR_DUP_THRESHOLD, gt=0, le=1)
+
+
+class RunSettings(_Strict):
+    run_dir: Path = Path("runs/demo")
+    target: int = Field(20, ge=1)  # accepted samples to reach
+    rounds: int = Field(1, ge=1)
+    seed: int = defaults.RUN_SEED
+    roles: Literal["fixed", "rotate"] = "fixed"
+    reviewers: int | None = Field(None, ge=0)  # panel size; None: every reviewer model
+    concurrency: int = Field(defaults.RUN_CONCURRENCY, ge=1)
+    max_in_flight: int | None = Field(None, ge=1)  # tasks; None: derived from concurrency
+    grace: float = Field(defaults.GRACE_SECONDS, ge=0)
+
+
+class RunConfig(_Strict):
+    run: RunSettings = RunSettings()
+    gate: GateConfig = GateConfig()
+    generation: GenerationConfig = GenerationConfig()
+    planner: PlannerConfig = PlannerConfig()
+    endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
+    prompts_dir: Path | None = None  # None: the prompts/ folder shipped with gra-async
+
+    @model_validator(mode="after")
+    def _roles_complete(self) -> RunConfig:
+        if self.endpoints and not self.endpoints.get("generator") and self.run.roles == "fixed":
+            raise ValueError("endpoints: no generator endpoint (add [[endpoints.generator]])")
+        return self
+
+    @property
+    def has_endpoints(self) -> bool:
+        return any(self.endpoints.values())
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: cannot set inside a non-table value")
+    node[path[-1]] = value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`GRA_RUN__TARGET=50` -> {"run": {"target": "50"}}; pydantic coerces the string."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            path = name[len(ENV_PREFIX) :].lower().split("__")
+            _set_path(tree, path, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling and section)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Build the run config from file, environment and flag overrides (nested dicts)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    env = _env_overrides(os.environ if environ is None else environ)
+    if env:
+        data = _merge(data, env)
+        source += " + GRA_* environment"
+    if overrides:
+        data = _merge(data, overrides)
+        source += " + flags"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def parse_endpoint_flag(text: str) -> tuple[Role, dict[str, Any]]:
+    """`reviewer=llama-3.1-8b@http://host:8002/v1` -> ("reviewer", {...})."""
+    role, sep, rest = text.partition("=")
+    role = role.strip()
+    if not sep or not rest:
+        raise ConfigError(f"--endpoint {text!r}: expected ROLE=[MODEL@]URL")
+    if role not in ROLES:
+        raise ConfigError(
+            f"--endpoint {text!r}: unknown role {role!r} (use generator, reviewer or adjudicator)"
+        )
+    model: str | None = None
+    url = rest
+    scheme_at = rest.find("://")
+    at = rest.rfind("@", 0, scheme_at if scheme_at >= 0 else len(rest))
+    if at > 0:
+        model, url = rest[:at], rest[at + 1 :]
+    return role, {"base_url": url, "model": model}  # type: ignore[return-value]

@@ -1,0 +1,44 @@
+"""Every default in one place, so `--help`, the README and the code agree."""
+
+from __future__ import annotations
+
+CRITERIA: tuple[str, ...] = (
+    "correctness",
+    "clarity",
+    "completeness",
+    "relevance",
+    "coherence",
+    "ethicality",
+)
+SCORE_MIN = 1
+SCORE_MAX = 10
+
+# Gate (DESIGN.md §1). The paper publishes neither thresholds nor prompts; these are ours.
+ACCEPT_MEAN = 7.0  # panel mean at or above this, with agreement -> accept
+DISAGREEMENT_STD = 1.5  # panel std above this -> adjudicator (the paper's case had std ~2.5)
+NEAR_DUP_THRESHOLD = 0.9  # Jaccard (MinHash) or cosine similarity counted as a duplicate
+MINHASH_PERMUTATIONS = 128
+
+# Client (DESIGN.md §4).
+CONNECT_TIMEOUT = 10.0  # seconds
+READ_TIMEOUT = 300.0  # seconds for a whole reply; local CPU models are slow
+MAX_RETRIES = 6
+BACKOFF_BASE = 0.5  # seconds; full jitter over base * 2**attempt
+BACKOFF_MAX = 30.0
+RETRY_AFTER_CAP = 120.0  # a server may not park a call for longer than this
+ENDPOINT_CONCURRENCY = 64
+COOLDOWN_AFTER_FAILURES = 5  # consecutive failures before an endpoint is cooled down
+COOLDOWN_SECONDS = 5.0  # first cooldown; doubles on each failed probe, capped
+COOLDOWN_MAX = 60.0
+INVALID_REPLY_RETRIES = 2  # schema-breaking review/verdict replies re-asked before failing
+
+# Pipeline.
+RUN_CONCURRENCY = 256  # model calls in flight across the run
+FEW_SHOT = 3
+GENERATION_MAX_TOKENS = 768
+REVIEW_MAX_TOKENS = 512
+VERDICT_MAX_TOKENS = 256
+GENERATION_TEMPERATURE = 0.8
+REVIEW_TEMPERATURE = 0.0
+RUN_SEED = 0
+GRACE_SECONDS = 10.0
