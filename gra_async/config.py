@@ -53,6 +53,8 @@ class EndpointConfig(_Strict):
     weight: float = Field(1.0, gt=0)
     connect_timeout: float = Field(defaults.CONNECT_TIMEOUT, gt=0)
     read_timeout: float = Field(defaults.READ_TIMEOUT, gt=0)
+    cooldown_after: int = Field(defaults.COOLDOWN_AFTER_FAILURES, ge=1)  # consecutive failures
+    cooldown: float = Field(defaults.COOLDOWN_SECONDS, gt=0)  # seconds; doubles per failed probe
     json_mode: JsonMode = "json_schema"  # how this server takes structured output (DESIGN.md §8)
     price_in: float = Field(0.0, ge=0)  # per million prompt tokens, for the cost line
     price_out: float = Field(0.0, ge=0)
@@ -139,10 +141,10 @@ class RunSettings(_Strict):
 
 
 class RunConfig(_Strict):
-    run: RunSettings = RunSettings()
-    gate: GateConfig = GateConfig()
-    generation: GenerationConfig = GenerationConfig()
-    planner: PlannerConfig = PlannerConfig()
+    run: RunSettings = Field(default_factory=RunSettings)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
     endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
     prompts_dir: Path | None = None  # None: the prompts/ folder shipped with gra-async
 
@@ -244,4 +246,4 @@ def parse_endpoint_flag(text: str) -> tuple[Role, dict[str, Any]]:
     at = rest.rfind("@", 0, scheme_at if scheme_at >= 0 else len(rest))
     if at > 0:
         model, url = rest[:at], rest[at + 1 :]
-    return role, {"base_url": url, "model": model}  # type: ignore[return-value]
+    return role, {"base_url": url, "model": model}

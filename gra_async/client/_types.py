@@ -1,0 +1,54 @@
+"""Plain values that cross the client boundary: what a call asks for and what it got."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ChatReply", "ChatRequest", "EndpointStats", "Message"]
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: list[Message]
+    max_tokens: int
+    temperature: float = 0.0
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+
+    def estimated_tokens(self) -> int:
+        """Prompt (~4 characters a token) plus the whole completion budget: a ceiling for TPM."""
+        return sum(len(m.get("content", "")) for m in self.messages) // 4 + self.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ChatReply:
+    content: str
+    finish_reason: str
+    model: str  # the model name the endpoint was asked for
+    endpoint: str  # the endpoint's label (model@url), for provenance
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float  # seconds, the successful attempt only
+    attempts: int  # 1 when no retry was needed
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """A consistent snapshot of one endpoint, for the progress display and `status`."""
+
+    label: str
+    model: str
+    in_flight: int
+    window: float  # adaptive concurrency limit now in force
+    requests: int  # attempts sent
+    succeeded: int
+    failed: int  # attempts that failed, transient or not
+    retries: int  # failed attempts that were retried
+    rate_limited: int  # 429 answers
+    tokens_in: int
+    tokens_out: int
+    latency_mean: float  # seconds, successful attempts
+    healthy: bool  # False while cooled down after consecutive failures

@@ -1,0 +1,129 @@
+"""A set of endpoints (replicas, several models) behind one `chat()` call that retries.
+
+Each attempt goes to the admissible endpoint with the least in-flight work per unit of
+weight; a call that must wait parks on a future that a finishing call of the same model
+resolves, so waiting costs nothing while it waits. Retries happen here, one call at a time:
+the failed call sleeps its own backoff and may land on another replica next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
+from gra_async.client.endpoint import Endpoint
+from gra_async.client.retry import RetryPolicy
+from gra_async.errors import EndpointError, RetriesExhausted, TransientError
+
+__all__ = ["EndpointPool"]
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("an EndpointPool needs at least one endpoint")
+        self._endpoints = tuple(endpoints)
+        self._policy = policy or RetryPolicy()
+        self._clock = clock
+        self._by_model: dict[str | None, tuple[Endpoint, ...]] = {None: self._endpoints}
+        for endpoint in self._endpoints:
+            self._by_model[endpoint.model] = (*self._by_model.get(endpoint.model, ()), endpoint)
+        self._waiters: dict[str | None, deque[asyncio.Future[None]]] = {
+            key: deque() for key in self._by_model
+        }
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Distinct models, in configuration order."""
+        return tuple(dict.fromkeys(e.model for e in self._endpoints))
+
+    def stats(self) -> tuple[EndpointStats, ...]:
+        return tuple(e.stats() for e in self._endpoints)
+
+    async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatReply:
+        """One model call, retried on transient faults; `model=None` takes any endpoint.
+
+        Raises `EndpointError` subclasses at once (400/401/403/404/422) and
+        `RetriesExhausted` when transient faults outlast the retry budget.
+        """
+        if model not in self._by_model:
+            raise ValueError(f"no endpoint serves model {model!r} (have {', '.join(self.models)})")
+        attempt = 0
+        while True:
+            endpoint = await self._acquire(model)
+            try:
+                reply = await endpoint.send(request, attempt + 1)
+            except TransientError as error:
+                endpoint.failed(error)
+                self._release(endpoint)
+                if attempt >= self._policy.max_retries:
+                    raise RetriesExhausted(
+                        f"{error} (gave up after {attempt + 1} attempts)", last=error
+                    ) from None
+                endpoint.retries += 1
+                await asyncio.sleep(self._policy.delay(attempt, error))
+                attempt += 1
+                continue
+            except EndpointError as error:
+                endpoint.failed(error)
+                self._release(endpoint)
+                raise
+            except BaseException:
+                self._release(endpoint)  # cancelled: the slot goes back, nothing is learned
+                raise
+            endpoint.succeeded()
+            self._release(endpoint)
+            return reply
+
+    async def _acquire(self, model: str | None) -> Endpoint:
+        candidates = self._by_model[model]
+        waiters = self._waiters[model]
+        while True:
+            now = self._clock()
+            best: Endpoint | None = None
+            for endpoint in candidates:
+                if endpoint.admissible(now) and (best is None or endpoint.load() < best.load()):
+                    best = endpoint
+            if best is not None:
+                best.in_flight += 1
+                return best
+            wake = [t for e in candidates if (t := e.wake_time(now)) is not None]
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiters.append(future)
+            try:
+                if wake:
+                    await asyncio.wait_for(future, min(wake) - now)
+                else:
+                    await future
+            except TimeoutError:
+                pass  # a hold or cooldown ended: look again
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    self._wake(model)  # handed a slot we will not use: pass it on
+                raise
+
+    def _release(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight -= 1
+        self._wake(endpoint.model)
+        self._wake(None)
+
+    def _wake(self, model: str | None) -> None:
+        waiters = self._waiters.get(model)
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
