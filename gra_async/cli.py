@@ -1,0 +1,290 @@
+"""`python -m gra_async run | status | export | doctor`: flags, exit codes, and nothing else.
+
+Exit codes (DESIGN.md §6): 0 done, 2 user error (one line on stderr, no traceback),
+130 interrupted (resumable), 1 bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from gra_async import __version__, defaults
+from gra_async.config import RunConfig, load_config, parse_endpoint_flag
+from gra_async.errors import ConfigError, GraError, Interrupted, UserError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gra_async", description="Synthesize instruction data with a team of small LLMs.")
+    parser.add_argument("--version", action="version", version=f"gra-async {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="generate, review and keep samples until --target are accepted")
+    run.add_argument("--config", type=Path, help="TOML config file")
+    run.add_argument("--seeds", type=Path, help="seed examples: .jsonl, .csv or .parquet (default: bundled)")
+    run.add_argument("--run-dir", type=Path, help="run directory (default runs/demo); resume = same command again")
+    run.add_argument("--target", type=int, help="accepted samples to reach (default 20)")
+    run.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL",
+                     help="generator|reviewer|adjudicator endpoint; repeat for replicas and panels")
+    run.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the key of --endpoint servers")
+    run.add_argument("--roles", choices=["fixed", "rotate"], help="role assignment (default fixed)")
+    run.add_argument("--reviewers", type=int, metavar="N", help="review panel size per sample (0 = no review; default all)")
+    run.add_argument("--no-adjudicator", action="store_true", help="ablation: disagreement is settled by the mean")
+    run.add_argument("--concurrency", type=int, metavar="N",
+                     help=f"model calls in flight across the run (default {defaults.RUN_CONCURRENCY})")
+    run.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
+    run.add_argument("--tpm", type=int, help="tokens per minute, per --endpoint")
+    run.add_argument("--rounds", type=int, metavar="R", help="rounds; accepted samples join the next round's seeds")
+    run.add_argument("--seed", type=int, help="run seed: the plan and the role draws follow from it")
+    run.add_argument("--grace", type=float, help=f"seconds in-flight calls get after Ctrl-C (default {defaults.GRACE_SECONDS:g})")
+    run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
+
+    status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
+    status.add_argument("--run-dir", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    export = sub.add_parser("export", help="write accepted samples with full provenance")
+    export.add_argument("--run-dir", type=Path, required=True)
+    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
+    export.add_argument("--all", action="store_true", help="rejected and failed samples too")
+
+    doctor = sub.add_parser("doctor", help="probe every endpoint: reachable, key, model, JSON output")
+    doctor.add_argument("--config", type=Path)
+    doctor.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL")
+    doctor.add_argument("--api-key-env", metavar="VAR")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as a nested dict on top of file and environment (flags win)."""
+    run: dict[str, Any] = {}
+    for flag, key in (("run_dir", "run_dir"), ("target", "target"), ("roles", "roles"),
+                      ("reviewers", "reviewers"), ("concurrency", "concurrency"),
+                      ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            run[key] = value
+    out: dict[str, Any] = {"run": run} if run else {}
+    if getattr(args, "seeds", None) is not None:
+        out["planner"] = {"seeds": args.seeds}
+    if getattr(args, "no_adjudicator", False):
+        out["gate"] = {"adjudicator": False}
+    endpoints: dict[str, list[dict[str, Any]]] = {}
+    for text in args.endpoint:
+        role, fields = parse_endpoint_flag(text)
+        for name in ("api_key_env", "rpm", "tpm"):
+            value = getattr(args, name, None)
+            if value is not None:
+                fields[name] = value
+        endpoints.setdefault(role, []).append(fields)
+    if endpoints:
+        out["endpoints"] = endpoints
+    return out
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    """File, then environment, then flags; flag endpoints replace the file's for their roles."""
+    return load_config(args.config, overrides=_overrides(args))
+
+
+# --- run -------------------------------------------------------------------------------
+
+
+def _snapshot(config: RunConfig) -> dict[str, Any]:
+    """The config as it decides results: operational knobs and secrets left out, inputs hashed.
+
+    Changing the target, concurrency, rate limits, URLs or timeouts continues a run;
+    changing models, prompts, seeds, the gate or the run seed is a different run.
+    """
+    from gra_async.prompts import default_prompts_dir
+
+    data = config.model_dump(mode="json")
+    for key in ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks"):
+        data["run"].pop(key, None)
+    data["endpoints"] = {
+        role: sorted({f"{e['model']}:{e['json_mode']}" for e in endpoints})
+        for role, endpoints in data["endpoints"].items()
+    }
+    prompts_dir = config.prompts_dir or default_prompts_dir()
+    data["prompts_sha256"] = _digest(sorted(prompts_dir.glob("*.md")))
+    seeds = config.planner.seeds
+    data["seeds_sha256"] = _digest([seeds] if seeds and seeds.is_file() else
+                                   sorted(seeds.rglob("*")) if seeds else [])
+    return data
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.asynccontextmanager
+async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
+    """The configured endpoints, or the embedded tiny model when none is configured."""
+    if config.has_endpoints:
+        yield config
+        return
+    from gra_async.local import LocalModelServer
+
+    config.run.run_dir.mkdir(parents=True, exist_ok=True)
+    async with LocalModelServer(log_dir=config.run.run_dir) as server:
+        endpoint = server.endpoint()
+        yield config.model_copy(update={"endpoints": {
+            "generator": (endpoint,), "reviewer": (endpoint,), "adjudicator": (endpoint,)}})
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from gra_async.client import AiohttpTransport
+    from gra_async.dedup import Deduplicator
+    from gra_async.pipeline import Pipeline, plan_size
+    from gra_async.planner import Planner, assign_domains, load_seeds
+    from gra_async.progress import ProgressDisplay
+    from gra_async.prompts import PromptSet
+    from gra_async.store import Journal
+    from gra_async.team import build_team
+
+    config = _config(args)
+    prompts = PromptSet.load(config.prompts_dir)
+    seeds = assign_domains(load_seeds(config.planner.seeds, config.planner),
+                           config.planner.domains, config.run.seed)
+    journal = Journal.open(config.run.run_dir, _snapshot(config), force=args.force)
+    transport = AiohttpTransport()
+    try:
+        async with _backend(config) as live_config:
+            team = await build_team(live_config, transport)
+            dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
+            for seed in seeds:
+                dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
+            planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+            pipeline = Pipeline(live_config, team, prompts, planner, journal, dedup)
+            pipeline.resume_state()
+            journal.start()
+            journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
+            journal.set_meta("target", str(config.run.target))
+            interrupted = _install_signals(pipeline, config.run.grace)
+            stats = lambda: [s for p in team.stats_pools() for s in p.stats()]  # noqa: E731
+            async with ProgressDisplay(pipeline.progress, stats):
+                await pipeline.run()
+            if interrupted.is_set():
+                raise Interrupted(
+                    f"interrupted; {pipeline.progress.accepted} accepted so far. "
+                    "Run the same command again to resume."
+                )
+            if pipeline.progress.accepted < config.run.target:
+                print(f"plan exhausted: {pipeline.progress.accepted} of {config.run.target} "
+                      "accepted (raise run.max_tasks or the target's rounds to plan more)",
+                      file=sys.stderr)
+    finally:
+        await transport.aclose()
+        await journal.close()
+    print(f"done: {config.run.run_dir} ({pipeline.progress.accepted} accepted); "
+          f"export with: python -m gra_async export --run-dir {config.run.run_dir}")
+    return EXIT_OK
+
+
+def _install_signals(pipeline: Any, grace: float) -> asyncio.Event:
+    """First SIGINT/SIGTERM: stop admitting, give in-flight calls `grace` s; second: abandon."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+
+    def on_signal() -> None:
+        if interrupted.is_set():
+            pipeline.abandon()
+            return
+        interrupted.set()
+        print("stopping: finishing calls in flight (Ctrl-C again to abandon them)", file=sys.stderr)
+        pipeline.stop()
+        loop.call_later(grace, pipeline.abandon)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    return interrupted
+
+
+# --- status / export / doctor --------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gra_async.report import status_report
+
+    report = status_report(args.run_dir)
+    if args.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        from gra_async.report import format_status
+
+        print(format_status(report))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gra_async.report import export
+
+    out = args.out or args.run_dir / f"samples.{args.format}"
+    count, summary = export(args.run_dir, out, args.format, include_all=args.all)
+    print(f"wrote {count} samples to {out}; summary in {summary}")
+    return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from gra_async.doctor import doctor
+
+    config = load_config(args.config, overrides=_overrides(args))
+    if not config.has_endpoints:
+        raise ConfigError("doctor: no endpoint configured (pass --config or --endpoint)")
+    return EXIT_OK if await doctor(config, sys.stdout) else EXIT_USER
+
+
+def _asyncio_run(coro: Any) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))
+    except ImportError:
+        return int(asyncio.run(coro))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "run":
+            return _asyncio_run(_run(args))
+        if args.command == "status":
+            return _status(args)
+        if args.command == "export":
+            return _export(args)
+        return _asyncio_run(_doctor(args))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except GraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUG

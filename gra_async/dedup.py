@@ -1,0 +1,188 @@
+"""Near-duplicate filtering of accepted samples, against each other and against the seeds.
+
+Two stages, cheapest first: an exact match of the normalised text (a hash), then
+MinHash LSH over word 3-shingles with every candidate verified by its estimated
+Jaccard similarity. Texts shorter than three words have no shingle and are matched
+exactly only. A semantic stage (embedding cosine, DESIGN.md §1) plugs in through the
+`Similarity` protocol; none is built here.
+
+About datasketch's `MinHashLSH(threshold=t)`: t is not a cut-off. It picks the band
+layout (b bands of r rows) that balances false positives against false negatives
+*around* t, and with 128 permutations at t=0.9 that layout (5 x 25) finds a pair
+whose true Jaccard is exactly 0.9 only about a third of the time. So the index is
+built with our own layout, chosen for recall (a 0.9 pair is a candidate with
+probability >= 99.5%), and the threshold is applied afterwards to the estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import sys
+import unicodedata
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+from datasketch import MinHash, MinHashLSH
+
+from gra_async import defaults
+
+__all__ = ["Deduplicator", "Similarity", "normalize", "shingles"]
+
+_WHITESPACE = re.compile(r"\s+")
+_SHINGLE = 3
+_CANDIDATE_RECALL = 0.995
+
+
+@functools.cache
+def _punctuation() -> dict[int, str]:
+    # Built once (~0.2 s): every Unicode punctuation mark (category P*), not just ASCII's.
+    return {cp: " " for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] == "P"}
+
+
+def normalize(text: str) -> str:
+    """Casefold, NFKC, punctuation to spaces, whitespace collapsed: what counts as "the same text".
+
+    Symbols (+, <, =, $) are kept: `x < 5` and `x > 5` are different code.
+    """
+    text = unicodedata.normalize("NFKC", text).casefold().translate(_punctuation())
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def shingles(normalized: str, size: int = _SHINGLE) -> set[bytes]:
+    """Word n-grams of a normalised text; empty when it has fewer than `size` words."""
+    words = normalized.split(" ") if normalized else []
+    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+
+
+def _band_layout(threshold: float, num_perm: int) -> tuple[int, int]:
+    """The most selective (bands, rows) whose chance of catching a pair at `threshold` is high."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= _CANDIDATE_RECALL:
+            return bands, rows
+    return num_perm, 1
+
+
+@runtime_checkable
+class Similarity(Protocol):
+    """A semantic near-duplicate index, e.g. embeddings compared by cosine.
+
+    Synchronous on purpose: an implementation computes embeddings ahead (async,
+    in the pipeline) and looks them up here by key or text.
+    """
+
+    def nearest(self, key: str, text: str) -> tuple[str, float] | None:
+        """The most similar stored key and its similarity in [0, 1], or None."""
+        ...
+
+    def add(self, key: str, text: str) -> None: ...
+
+
+class Deduplicator:
+    """Remembers texts by key and says which stored key a new text duplicates.
+
+    Deterministic: the same texts added in the same order give the same answers.
+    References (seed texts) and samples share one index; `is_reference` tells them apart.
+    """
+
+    def __init__(
+        self,
+        threshold: float = defaults.NEAR_DUP_THRESHOLD,
+        num_perm: int = defaults.MINHASH_PERMUTATIONS,
+        seed: int = 1,
+        *,
+        semantic: Similarity | None = None,
+        semantic_threshold: float = defaults.NEAR_DUP_THRESHOLD,
+    ) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError("threshold must be in (0, 1]")
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.semantic = semantic
+        self.semantic_threshold = semantic_threshold
+        self._empty = MinHash(num_perm=num_perm, seed=seed)  # copied, so permutations are made once
+        self._lsh = MinHashLSH(num_perm=num_perm, params=_band_layout(threshold, num_perm))
+        self._exact: dict[bytes, str] = {}
+        self._signatures: dict[str, npt.NDArray[np.uint64]] = {}
+        self._keys: set[str] = set()
+        self._references: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def is_reference(self, key: str) -> bool:
+        return key in self._references
+
+    def _signature(self, normalized: str) -> MinHash | None:
+        grams = shingles(normalized)
+        if not grams:
+            return None
+        minhash = self._empty.copy()
+        minhash.update_batch(sorted(grams))
+        return minhash
+
+    def _prepare(self, text: str) -> tuple[bytes, MinHash | None]:
+        normalized = normalize(text)
+        return hashlib.blake2b(normalized.encode(), digest_size=16).digest(), self._signature(normalized)
+
+    def _find(self, key: str, text: str, digest: bytes, signature: MinHash | None) -> str | None:
+        exact = self._exact.get(digest)
+        if exact is not None and exact != key:
+            return exact
+        if signature is not None:
+            best: tuple[float, str] | None = None
+            for candidate in sorted(self._lsh.query(signature)):
+                if candidate == key:
+                    continue
+                stored = self._signatures[candidate]
+                similarity = float(np.count_nonzero(stored == signature.hashvalues)) / self.num_perm
+                if similarity >= self.threshold and (best is None or similarity > best[0]):
+                    best = (similarity, candidate)
+            if best is not None:
+                return best[1]
+        if self.semantic is not None:
+            hit = self.semantic.nearest(key, text)
+            if hit is not None and hit[0] != key and hit[1] >= self.semantic_threshold:
+                return hit[0]
+        return None
+
+    def _add(self, key: str, text: str, digest: bytes, signature: MinHash | None) -> None:
+        self._keys.add(key)
+        self._exact.setdefault(digest, key)
+        if signature is not None:
+            self._signatures[key] = signature.hashvalues.copy()
+            self._lsh.insert(key, signature, check_duplication=False)
+        if self.semantic is not None:
+            self.semantic.add(key, text)
+
+    def check(self, key: str, text: str) -> str | None:
+        """The key this text duplicates (exact first, then near), or None. Stores nothing.
+
+        A text is never reported as a duplicate of its own key, so re-checking a
+        stored sample on resume is harmless.
+        """
+        return self._find(key, text, *self._prepare(text))
+
+    def add(self, key: str, text: str) -> None:
+        """Store a text under `key`; adding a key again is a no-op (resume re-adds samples)."""
+        if key not in self._keys:
+            self._add(key, text, *self._prepare(text))
+
+    def add_reference(self, key: str, text: str) -> None:
+        """Store a seed text: a sample that copies a few-shot example is not a new sample."""
+        self.add(key, text)
+        self._references.add(key)
+
+    def check_and_add(self, key: str, text: str) -> str | None:
+        """`check`, then `add` when the text is new; one normalisation and one MinHash."""
+        digest, signature = self._prepare(text)
+        duplicate = self._find(key, text, digest, signature)
+        if duplicate is None and key not in self._keys:
+            self._add(key, text, digest, signature)
+        return duplicate

@@ -1,0 +1,67 @@
+"""`doctor`: one line per endpoint saying whether a run could use it, and why not."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TextIO
+
+import orjson
+
+from gra_async.client import (
+    AiohttpTransport,
+    ChatRequest,
+    Endpoint,
+    EndpointPool,
+    RetryPolicy,
+    probe,
+)
+from gra_async.config import ROLES, EndpointConfig, RunConfig
+from gra_async.errors import GraError
+from gra_async.scoring import response_format
+
+__all__ = ["check_endpoint", "doctor"]
+
+_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+_ASK = [{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}]
+
+
+async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) -> tuple[bool, str]:
+    """Probe models and auth, then ask for a tiny schema-constrained reply."""
+    try:
+        endpoint = Endpoint(config, transport)
+        served = await probe(endpoint, transport)
+        fmt = response_format("gra_doctor", _SCHEMA, config.json_mode)
+        pool = EndpointPool([endpoint], policy=RetryPolicy(max_retries=1))
+        reply = await pool.chat(ChatRequest(messages=_ASK, max_tokens=32, response_format=fmt))
+    except GraError as exc:
+        return False, str(exc)
+    detail = f"{endpoint.label}: reachable, key accepted, model served ({len(served)} listed)"
+    if config.json_mode == "none":
+        return True, detail + ", structured output not requested (json_mode none)"
+    try:
+        orjson.loads(reply.content)
+    except orjson.JSONDecodeError:
+        return False, (f"{detail}, but {config.json_mode} output was not JSON "
+                       f"({reply.content[:60]!r}); try json_mode = \"json_object\" or \"none\"")
+    return True, f"{detail}, {config.json_mode} output ok"
+
+
+async def doctor(config: RunConfig, out: TextIO) -> bool:
+    """Check every distinct endpoint; True when all pass."""
+    seen: dict[tuple[str, str | None], tuple[str, EndpointConfig]] = {}
+    for role in ROLES:
+        for endpoint in config.endpoints.get(role, ()):
+            seen.setdefault((endpoint.base_url, endpoint.model), (role, endpoint))
+    transport = AiohttpTransport()
+    try:
+        results = await asyncio.gather(*(check_endpoint(e, transport) for _, e in seen.values()))
+    finally:
+        await transport.aclose()
+    for (first_role, _), (ok, line) in zip(seen.values(), results, strict=True):
+        print(f"{'ok  ' if ok else 'FAIL'} {first_role:<12}{line}", file=out)
+    return all(ok for ok, _ in results)

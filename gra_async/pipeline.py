@@ -1,0 +1,379 @@
+"""One task's life, and the run that drives thousands of them at once.
+
+generate -> review x R (in parallel) -> aggregate -> accept | reject | adjudicate -> dedup.
+
+Every model call goes through `_call`: a call whose key is in the journal is answered
+from it (resume); otherwise it waits for a run-wide slot (`--concurrency`), goes to the
+role's pool, and its reply is journaled before it is used. A task holds no slot while it
+parses or waits for its reviewers, so steps depending on each other never idle the slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, TypeVar
+
+from gra_async.client import ChatRequest, EndpointPool
+from gra_async.config import Role, RunConfig
+from gra_async.dedup import Deduplicator
+from gra_async.errors import BadRequestError, GraError, RetriesExhausted
+from gra_async.planner import Planner, Seed, Task
+from gra_async.prompts import PromptSet, ReviewView
+from gra_async.scoring import (
+    Decision,
+    InvalidReply,
+    Review,
+    aggregate,
+    decide,
+    generation_schema,
+    parse_generation,
+    parse_review,
+    parse_verdict,
+    response_format,
+    review_schema,
+    verdict_schema,
+)
+from gra_async.store import CallRecord, Journal, SampleRecord, call_key
+from gra_async.team import Team
+
+__all__ = ["Pipeline", "Progress", "plan_size"]
+
+T = TypeVar("T")
+
+
+class TaskFailed(GraError):
+    """This task cannot produce a sample; it is recorded as failed with the reason."""
+
+
+class _Withdrawn(Exception):
+    """The target was met while this task ran: it goes back to `planned`, unrecorded."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counters the progress display and the final summary read; mutated on the loop only."""
+
+    target: int
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    adjudicated: int = 0
+    in_progress: int = 0
+    calls_sent: int = 0
+    calls_reused: int = 0
+    accepted_at_start: int = 0  # from the journal, so rates count this session's work only
+    finished_at_start: int = 0
+    started: float = field(default_factory=time.monotonic)
+    tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (role, model, in|out)
+    failures: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def finished(self) -> int:
+        return self.accepted + self.rejected + self.failed
+
+
+def plan_size(config: RunConfig) -> int:
+    """Tasks planned per round: enough for the target at a 10% acceptance rate."""
+    per_round = math.ceil(config.run.target / config.run.rounds)
+    return config.run.max_tasks or max(10 * per_round, 10)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: RunConfig,
+        team: Team,
+        prompts: PromptSet,
+        planner: Planner,
+        journal: Journal,
+        dedup: Deduplicator,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.team = team
+        self.prompts = prompts
+        self.planner = planner
+        self.journal = journal
+        self.dedup = dedup
+        self._clock = clock
+        self._slots = asyncio.Semaphore(config.run.concurrency)
+        self._cache: dict[str, CallRecord] = {}
+        self._finished: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._goal = 0
+        self._accepted_records: list[SampleRecord] = []
+        criteria = config.gate.criteria
+        self._schemas = {
+            "generator": generation_schema(),
+            "reviewer": review_schema(criteria),
+            "adjudicator": verdict_schema(),
+        }
+        self.progress = Progress(target=config.run.target)
+
+    # --- the run ---------------------------------------------------------------------
+
+    def resume_state(self) -> None:
+        """Load what the journal already holds: finished tasks, replies of unfinished ones."""
+        self._finished = self.journal.finished_tasks()
+        self._cache = self.journal.unfinished_calls()
+        self._accepted_records = self.journal.accepted()
+        for record in self._accepted_records:
+            self.dedup.add(record.task_id, _dedup_text(record.body))
+        self.progress.accepted = len(self._accepted_records)
+        counts = self.journal.state_counts()
+        self.progress.rejected, self.progress.failed = counts["rejected"], counts["failed"]
+        self.progress.accepted_at_start = self.progress.accepted
+        self.progress.finished_at_start = len(self._finished)
+
+    def stop(self) -> None:
+        """Stop admitting tasks (first Ctrl-C); tasks in flight go on."""
+        self._stopping = True
+
+    def abandon(self) -> None:
+        """Cancel tasks in flight (second Ctrl-C, grace over, or target reached)."""
+        for task in list(self._running.values()):
+            task.cancel()
+
+    async def run(self) -> Progress:
+        rounds = self.config.run.rounds
+        target = self.config.run.target
+        for rnd in range(1, rounds + 1):
+            if self._stopping:
+                break
+            if rnd > 1:
+                self.planner.add_seeds(self._round_seeds(rnd))
+            self._goal = math.ceil(target * rnd / rounds)
+            if self.progress.accepted < self._goal:
+                await self._run_round(rnd)
+        return self.progress
+
+    def _round_seeds(self, rnd: int) -> list[Seed]:
+        """Accepted samples of earlier rounds join the seed pool, in plan order."""
+        return [
+            Seed(r.task_id, str(r.body["instruction"]), str(r.body["response"]), r.domain)
+            for r in sorted(self._accepted_records, key=lambda r: (r.round, r.index))
+            if r.round < rnd
+        ]
+
+    async def _run_round(self, rnd: int) -> None:
+        limit = self.config.run.max_in_flight or self.config.run.concurrency
+        admit = asyncio.Semaphore(limit)
+        try:
+            await self._admit(rnd, admit)
+        except BaseExceptionGroup as group:
+            # A fatal error in one task (e.g. 401 mid-run) cancelled the others; surface it alone.
+            raise _first_error(group) from None
+
+    async def _admit(self, rnd: int, admit: asyncio.Semaphore) -> None:
+        async with asyncio.TaskGroup() as group:
+            for task in islice(self.planner.tasks(rnd), plan_size(self.config)):
+                if task.id in self._finished:
+                    continue
+                await admit.acquire()
+                if self._stopping or self.progress.accepted >= self._goal:
+                    admit.release()
+                    break
+                runner = group.create_task(self._run_task(task, admit))
+                self._running[task.id] = runner
+
+    async def _run_task(self, task: Task, admit: asyncio.Semaphore) -> None:
+        self.progress.in_progress += 1
+        try:
+            await self._life(task)
+        except _Withdrawn:
+            self.journal.forget_sample(task.id)
+        except asyncio.CancelledError:
+            self.journal.forget_sample(task.id)
+            raise
+        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
+            reason = str(exc)
+            self._record(task, "failed", {"decision": "failed", "reason": reason})
+            self.progress.failures[reason.split(":")[0][:60]] += 1
+        finally:
+            self.progress.in_progress -= 1
+            self._running.pop(task.id, None)
+            admit.release()
+
+    async def _life(self, task: Task) -> dict[str, Any]:
+        gate = self.config.gate
+        team = self.team.assign(task.id)
+        examples = [self.planner.seed(s) for s in task.seed_ids]
+        messages = self.prompts.generator(task.domain, self.planner.keywords(task.domain), examples)
+        sample, gen_reply = await self._structured(
+            task, "generator", team.generator, messages, parse_generation, "gen"
+        )
+        base: dict[str, Any] = {
+            "instruction": sample.instruction,
+            "response": sample.response,
+            "generator": team.generator,
+            "tokens": gen_reply.prompt_tokens + gen_reply.completion_tokens,
+        }
+        if (dup := self.dedup.check(task.id, _dedup_text(base))) is not None:
+            return self._finish(task, {**base, **_empty_verdict(), "decision": "duplicate",
+                                       "duplicate_of": dup})
+        self._record(task, "generated", base)
+
+        review_prompt = self.prompts.reviewer(sample.instruction, sample.response, gate.criteria)
+        outcomes = await asyncio.gather(
+            *(self._review(task, model, review_prompt) for model in team.reviewers)
+        )
+        reviews = [r for r in outcomes if "error" not in r]
+        failed_reviews = [r for r in outcomes if "error" in r]
+        base["tokens"] += sum(int(r.pop("_tokens")) for r in outcomes)
+        if team.reviewers and not reviews:
+            raise TaskFailed(f"no valid review: {failed_reviews[0]['error']}")
+        panel = aggregate([Review(scores=r["scores"], feedback=r["feedback"]) for r in reviews]) if reviews else None
+        base |= {
+            "reviews": reviews,
+            "failed_reviews": failed_reviews,
+            "mean": panel.mean if panel else None,
+            "std": panel.std if panel else None,
+            "adjudication": None,
+        }
+        decision = decide(panel, gate)
+        if decision is Decision.ADJUDICATE and team.adjudicator is not None:
+            self._record(task, "adjudicating", base)
+            views = [ReviewView(f"Reviewer {i + 1}", r["scores"], r["feedback"])
+                     for i, r in enumerate(reviews)]
+            messages = self.prompts.adjudicator(sample.instruction, sample.response, views,
+                                                gate.criteria)
+            verdict, reply = await self._structured(
+                task, "adjudicator", team.adjudicator, messages, parse_verdict, "adj"
+            )
+            base["tokens"] += reply.prompt_tokens + reply.completion_tokens
+            base["adjudication"] = {"model": team.adjudicator, "decision": verdict.decision,
+                                    "reason": verdict.reason}
+            self.progress.adjudicated += 1
+            decision = Decision.ACCEPT if verdict.decision == "accept" else Decision.REJECT
+        elif decision is Decision.ADJUDICATE:  # --no-adjudicator: the mean decides
+            decision = Decision.ACCEPT if panel and panel.mean >= gate.accept_mean else Decision.REJECT
+        else:
+            self._record(task, "reviewed", base)
+        base["decision"] = "accept" if decision is Decision.ACCEPT else "reject"
+        return self._finish(task, base)
+
+    def _finish(self, task: Task, body: dict[str, Any]) -> dict[str, Any]:
+        """Synchronous on the loop: the target check and the dedup insert cannot interleave."""
+        if body["decision"] == "accept":
+            if self.progress.accepted >= self._goal:
+                raise _Withdrawn
+            dup = self.dedup.check_and_add(task.id, _dedup_text(body))
+            if dup is not None:
+                body |= {"decision": "duplicate", "duplicate_of": dup}
+        state = "accepted" if body["decision"] == "accept" else "rejected"
+        self._record(task, state, body)
+        if state == "accepted":
+            self.progress.accepted += 1
+            self._accepted_records.append(
+                SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids, body)
+            )
+            if self.progress.accepted >= self._goal:
+                self.abandon()
+        elif body["decision"] == "duplicate":
+            self.progress.duplicates += 1
+            self.progress.rejected += 1
+        else:
+            self.progress.rejected += 1
+        return body
+
+    # --- calls -----------------------------------------------------------------------
+
+    async def _review(self, task: Task, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+        criteria = self.config.gate.criteria
+        try:
+            review, reply = await self._structured(
+                task, "reviewer", model, messages,
+                lambda text: parse_review(text, criteria), f"rev/{model}",
+            )
+        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
+            return {"model": model, "error": str(exc), "_tokens": 0}
+        scores = dict(review.scores)
+        return {
+            "model": model,
+            "scores": scores,
+            "mean": sum(scores.values()) / len(scores),
+            "feedback": review.feedback,
+            "_tokens": reply.prompt_tokens + reply.completion_tokens,
+        }
+
+    async def _structured(
+        self,
+        task: Task,
+        role: Role,
+        model: str,
+        messages: list[dict[str, str]],
+        parse: Callable[[str], T],
+        slot: str,
+    ) -> tuple[T, CallRecord]:
+        """A call whose reply must parse; an invalid reply is asked again, within a budget."""
+        budget = self.config.gate.invalid_reply_retries
+        for attempt in range(budget + 1):
+            record = await self._call(task, role, model, messages, f"{slot}/{attempt}")
+            try:
+                return parse(record.content), record
+            except InvalidReply as exc:
+                reason = exc.reason
+                if record.finish_reason == "length":
+                    reason += " (cut off at max_tokens)"
+        raise TaskFailed(f"{role} {model}: invalid reply after {budget + 1} tries: {reason}")
+
+    async def _call(
+        self, task: Task, role: Role, model: str, messages: list[dict[str, str]], slot: str
+    ) -> CallRecord:
+        gen = self.config.generation
+        max_tokens = {"generator": gen.max_tokens, "reviewer": gen.review_max_tokens,
+                      "adjudicator": gen.verdict_max_tokens}[role]
+        temperature = gen.temperature if role == "generator" else gen.review_temperature
+        fmt = response_format(f"gra_{role}", self._schemas[role],
+                              self.team.json_modes.get(model, "json_schema"))  # type: ignore[arg-type]
+        params = {"max_tokens": max_tokens, "temperature": temperature, "response_format": fmt}
+        key = call_key(role=role, model=model, messages=messages, params=params,
+                       task_id=task.id, slot=slot)
+        cached = self._cache.pop(key, None)
+        if cached is not None:
+            self.progress.calls_reused += 1
+            return cached
+        pool: EndpointPool = self.team.pools[role]
+        request = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                              response_format=fmt)
+        async with self._slots:
+            reply = await pool.chat(request, model=model)
+        record = CallRecord(key, task.id, role, model, reply.endpoint, reply.content,
+                            reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
+                            reply.latency, reply.attempts)
+        self.journal.record_call(record)
+        self.progress.calls_sent += 1
+        self.progress.tokens[(role, model, "in")] += reply.prompt_tokens
+        self.progress.tokens[(role, model, "out")] += reply.completion_tokens
+        return record
+
+    def _record(self, task: Task, state: str, body: dict[str, Any]) -> None:
+        self.journal.record_sample(
+            SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids, body)
+        )
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        return error
+    return group
+
+
+def _dedup_text(body: Any) -> str:
+    return f"{body['instruction']}\n{body['response']}"
+
+
+def _empty_verdict() -> dict[str, Any]:
+    return {"reviews": [], "failed_reviews": [], "mean": None, "std": None, "adjudication": None}
+

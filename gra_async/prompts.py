@@ -1,0 +1,222 @@
+"""Load the prompt templates in `prompts/` and render them into chat messages.
+
+Template files
+--------------
+`prompts/generator.md`, `prompts/reviewer.md` and `prompts/adjudicator.md`. In each:
+
+* an optional leading HTML comment (`<!-- ... -->`) is documentation and is dropped;
+* a line that is exactly `---user---` splits the file: above it the system message,
+  below it the user message. Without that line the whole file is the user message;
+* `{{name}}` is a placeholder (spaces inside the braces allowed). Each template has a
+  fixed set of names; an unknown one, or a required one left out, is a `ConfigError`
+  when the templates are loaded, not halfway through a run.
+
+Rendering is a single pass over the template: text put in for a placeholder is never
+scanned again, so a sample that contains `{{domain}}`, braces, `$x` or "ignore previous
+instructions" cannot change the template. Samples and reviews go inside delimited
+blocks (`<sample>`, `<example>`, `<review>` ...); a delimiter tag inside the inserted
+text is defused (`<` becomes `&lt;`) so a sample cannot close its own block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gra_async.errors import ConfigError
+from gra_async.planner import Seed
+
+__all__ = [
+    "USER_MARKER",
+    "PromptSet",
+    "ReviewView",
+    "Template",
+    "default_prompts_dir",
+]
+
+USER_MARKER = "---user---"
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_LEADING_COMMENT = re.compile(r"\A\s*<!--.*?-->[ \t]*\n?", re.DOTALL)
+_DELIMITERS = ("sample", "instruction", "response", "example", "examples", "reviews", "review",
+               "feedback", "scores")
+_DELIMITER_TAG = re.compile(r"<(?=/?\s*(?:" + "|".join(_DELIMITERS) + r")\b)", re.IGNORECASE)
+
+# name -> (allowed placeholders, placeholders the template must use)
+_ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "generator": (frozenset({"domain", "keywords", "examples", "count"}), frozenset({"examples"})),
+    "reviewer": (
+        frozenset({"instruction", "response", "criteria", "score_format"}),
+        frozenset({"instruction", "response"}),
+    ),
+    "adjudicator": (
+        frozenset({"instruction", "response", "reviews", "criteria"}),
+        frozenset({"instruction", "response", "reviews"}),
+    ),
+}
+
+
+def default_prompts_dir() -> Path:
+    """The `prompts/` folder next to the package (the repository's top level)."""
+    return Path(__file__).resolve().parent.parent / "prompts"
+
+
+def _defuse(text: str) -> str:
+    """Keep inserted text from opening or closing one of our delimiter blocks."""
+    return _DELIMITER_TAG.sub("&lt;", text)
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewView:
+    """What the adjudicator sees of one review: a neutral label, never the reviewer's model."""
+
+    label: str
+    scores: Mapping[str, int]
+    feedback: str
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """One parsed template file: system and user parts and the placeholders they use."""
+
+    source: str
+    system: str
+    user: str
+    names: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, text: str, source: str, allowed: frozenset[str],
+              required: frozenset[str]) -> Template:
+        text = _LEADING_COMMENT.sub("", text, count=1)
+        lines = text.splitlines()
+        markers = [i for i, line in enumerate(lines) if line.strip() == USER_MARKER]
+        if len(markers) > 1:
+            raise ConfigError(f"{source}: {USER_MARKER} appears {len(markers)} times "
+                              "(keep one line splitting the system and user parts)")
+        if markers:
+            system = "\n".join(lines[: markers[0]]).strip()
+            user = "\n".join(lines[markers[0] + 1 :]).strip()
+        else:
+            system, user = "", text.strip()
+        if not user:
+            raise ConfigError(f"{source}: the user part is empty (write the prompt below {USER_MARKER})")
+        names = frozenset(_PLACEHOLDER.findall(system) + _PLACEHOLDER.findall(user))
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise ConfigError(f"{source}: unknown placeholder {{{{{unknown[0]}}}}} "
+                              f"(use one of: {', '.join(sorted(allowed))})")
+        absent = sorted(required - names)
+        if absent:
+            raise ConfigError(f"{source}: placeholder {{{{{absent[0]}}}}} is missing "
+                              "(the template must show it to the model)")
+        return cls(source=source, system=system, user=user, names=names)
+
+    def render(self, values: Mapping[str, str]) -> list[dict[str, str]]:
+        """Chat messages; every value is inserted verbatim, in one pass."""
+        def fill(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in values:
+                raise ConfigError(f"{self.source}: no value for placeholder {{{{{name}}}}}")
+            return values[name]
+
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": _PLACEHOLDER.sub(fill, self.system)})
+        messages.append({"role": "user", "content": _PLACEHOLDER.sub(fill, self.user)})
+        return messages
+
+
+def _criteria_line(criteria: Sequence[str]) -> str:
+    return ", ".join(criteria)
+
+
+def _score_format(criteria: Sequence[str]) -> str:
+    # Zeros, not sample numbers: a model that copies the shape sends an invalid reply
+    # (scores are 1-10) instead of a score it never gave.
+    scores = ", ".join(f'"{name}": 0' for name in criteria)
+    return f'{{"scores": {{{scores}}}, "feedback": "..."}}'
+
+
+def _examples_block(examples: Sequence[Seed]) -> str:
+    if not examples:
+        return "(no examples for this domain)"
+    blocks = []
+    for number, seed in enumerate(examples, start=1):
+        blocks.append(
+            f'<example n="{number}">\n<instruction>\n{_defuse(seed.instruction)}\n</instruction>\n'
+            f"<response>\n{_defuse(seed.response)}\n</response>\n</example>"
+        )
+    return "\n\n".join(blocks)
+
+
+def _reviews_block(reviews: Sequence[ReviewView], criteria: Sequence[str]) -> str:
+    if not reviews:
+        return "(no reviews)"
+    blocks = []
+    for view in reviews:
+        ordered = [name for name in criteria if name in view.scores]
+        ordered += sorted(name for name in view.scores if name not in criteria)
+        scores = ", ".join(f"{_defuse(name)} {view.scores[name]}" for name in ordered)
+        mean = sum(view.scores.values()) / len(view.scores) if view.scores else 0.0
+        blocks.append(
+            f"<review>\n{_defuse(view.label)}: mean {mean:.1f}; {scores}\n"
+            f"Feedback: {_defuse(view.feedback.strip()) or '(none)'}\n</review>"
+        )
+    return "\n".join(blocks)
+
+
+class PromptSet:
+    """The three templates of a run, checked once at load time."""
+
+    def __init__(self, generator: Template, reviewer: Template, adjudicator: Template) -> None:
+        self.generator_template = generator
+        self.reviewer_template = reviewer
+        self.adjudicator_template = adjudicator
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> PromptSet:
+        """Read `generator.md`, `reviewer.md`, `adjudicator.md`; None: the bundled `prompts/`."""
+        folder = default_prompts_dir() if directory is None else directory
+        if not folder.is_dir():
+            hint = ("reinstall gra-async from a source checkout, or set prompts_dir"
+                    if directory is None else "check prompts_dir in the config")
+            raise ConfigError(f"{folder}: prompts folder not found ({hint})")
+        templates: dict[str, Template] = {}
+        for role, (allowed, required) in _ROLES.items():
+            path = folder / f"{role}.md"
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: prompt template not found "
+                                  f"(copy it from the prompts/ folder of gra-async)") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot read prompt template ({exc})") from None
+            templates[role] = Template.parse(text, str(path), allowed, required)
+        return cls(templates["generator"], templates["reviewer"], templates["adjudicator"])
+
+    def generator(self, domain: str, keywords: list[str], examples: list[Seed]) -> list[dict[str, str]]:
+        return self.generator_template.render({
+            "domain": _defuse(domain),
+            "keywords": _defuse(", ".join(keywords)) if keywords else "(any)",
+            "examples": _examples_block(examples),
+            "count": str(len(examples)),
+        })
+
+    def reviewer(self, instruction: str, response: str,
+                 criteria: tuple[str, ...]) -> list[dict[str, str]]:
+        return self.reviewer_template.render({
+            "instruction": _defuse(instruction),
+            "response": _defuse(response),
+            "criteria": _criteria_line(criteria),
+            "score_format": _score_format(criteria),
+        })
+
+    def adjudicator(self, instruction: str, response: str, reviews: list[ReviewView],
+                    criteria: tuple[str, ...]) -> list[dict[str, str]]:
+        return self.adjudicator_template.render({
+            "instruction": _defuse(instruction),
+            "response": _defuse(response),
+            "reviews": _reviews_block(reviews, criteria),
+            "criteria": _criteria_line(criteria),
+        })

@@ -1,0 +1,428 @@
+"""The run directory: a SQLite journal (WAL) of every model call and every sample's state.
+
+Why SQLite: one file, atomic commits, readers that never block the writer (WAL), and
+`PRAGMA integrity_check` to prove it. One writer thread owns the write connection and
+commits in small groups, so the event loop never waits on the disk; a kill -9 loses at
+most the rows of one commit window, and those are calls that resume simply sends again.
+
+Layout of `runs/<name>/`:
+    config.json       the resolved config, as the run was started (no secrets)
+    journal.sqlite    calls, samples, meta (+ -wal / -shm while open)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gra_async.errors import RunDirError
+
+__all__ = [
+    "TERMINAL_STATES",
+    "CallRecord",
+    "Journal",
+    "JournalReader",
+    "SampleRecord",
+    "call_key",
+    "config_hash",
+]
+
+SCHEMA_VERSION = "1"
+TERMINAL_STATES = ("accepted", "rejected", "failed")
+STATES = ("planned", "generated", "reviewed", "adjudicating", *TERMINAL_STATES)
+_COMMIT_EVERY = 0.05  # seconds: the commit window a kill -9 may lose
+_COMMIT_ROWS = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    content TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_task ON calls (task_id);
+CREATE TABLE IF NOT EXISTS samples (
+    task_id TEXT PRIMARY KEY,
+    round INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    seed_ids TEXT NOT NULL,
+    body TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_state ON samples (state);
+"""
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def call_key(
+    *, role: str, model: str, messages: Any, params: Mapping[str, Any], task_id: str, slot: str
+) -> str:
+    """Content hash of one model call: same inputs, same key, so resume reuses the reply."""
+    material = {"role": role, "model": model, "messages": messages, "params": params,
+                "task": task_id, "slot": slot}
+    return hashlib.sha256(_canonical(material)).hexdigest()
+
+
+def config_hash(snapshot: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canonical(snapshot)).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    key: str
+    task_id: str
+    role: str
+    model: str
+    endpoint: str
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRecord:
+    """One task's sample as the journal holds it; `body` carries the provenance fields."""
+
+    task_id: str
+    round: int
+    index: int
+    state: str
+    domain: str
+    seed_ids: tuple[str, ...]
+    body: Mapping[str, Any]
+
+
+def _disk_error(run_dir: Path, exc: BaseException) -> RunDirError:
+    text = str(exc)
+    if "full" in text or getattr(exc, "errno", None) == 28:
+        hint = "the disk is full; free space and run the same command again to resume"
+    elif "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
+        hint = "the run directory is not writable; fix its permissions or pass another --run-dir"
+    else:
+        hint = f"{text}; run the same command again to resume"
+    return RunDirError(f"{run_dir}: cannot write the journal ({hint})")
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process kill; only power loss can
+        # roll back the last commits, which resume then redoes.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    for state, n in conn.execute("SELECT state, count(*) FROM samples GROUP BY state"):
+        counts[state] = n
+    return counts
+
+
+def _samples(conn: sqlite3.Connection, states: tuple[str, ...]) -> Iterator[SampleRecord]:
+    marks = ",".join("?" * len(states))
+    rows = conn.execute(
+        f"SELECT task_id, round, idx, state, domain, seed_ids, body FROM samples "
+        f"WHERE state IN ({marks}) ORDER BY round, idx",
+        states,
+    )
+    for task_id, rnd, idx, state, domain, seed_ids, body in rows:
+        yield SampleRecord(task_id, rnd, idx, state, domain,
+                           tuple(orjson.loads(seed_ids)), orjson.loads(body))
+
+
+class JournalReader:
+    """Read-only view for `status` and `export`; safe while a run is writing (WAL)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        path = run_dir / "journal.sqlite"
+        if not path.exists():
+            raise RunDirError(f"{run_dir}: no journal.sqlite here (is this a run directory?)")
+        try:
+            self._conn = _connect(path, readonly=True)
+            self._conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise RunDirError(f"{path}: cannot read the journal ({exc})") from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def state_counts(self) -> dict[str, int]:
+        return _state_counts(self._conn)
+
+    def call_totals(self) -> list[tuple[str, str, int, int, int]]:
+        """(role, model, calls, prompt tokens, completion tokens) per role and model."""
+        return list(self._conn.execute(
+            "SELECT role, model, count(*), sum(prompt_tokens), sum(completion_tokens) "
+            "FROM calls GROUP BY role, model ORDER BY role, model"
+        ))
+
+    def samples(self, states: tuple[str, ...] = TERMINAL_STATES) -> Iterator[SampleRecord]:
+        return _samples(self._conn, states)
+
+    def meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def time_span(self) -> tuple[float, float] | None:
+        row = self._conn.execute("SELECT min(created), max(created) FROM calls").fetchone()
+        return None if row is None or row[0] is None else (float(row[0]), float(row[1]))
+
+
+_Op = tuple[str, tuple[Any, ...]]
+_STOP = object()
+
+
+class Journal:
+    """The writable journal of one run directory, with its single writer thread."""
+
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection) -> None:
+        self.run_dir = run_dir
+        self._conn = conn
+        self._queue: queue.SimpleQueue[_Op | object | asyncio.Future[None]] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, run_dir: Path, snapshot: Mapping[str, Any], *, force: bool = False) -> Journal:
+        """Create or reopen `run_dir`; a different config is refused unless `force`."""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise _disk_error(run_dir, exc) from None
+        digest = config_hash(snapshot)
+        try:
+            conn = _connect(run_dir / "journal.sqlite", readonly=False)
+            conn.executescript(_SCHEMA)
+            stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise RunDirError(
+                f"{run_dir / 'journal.sqlite'}: not a readable journal ({exc}); "
+                "use a new --run-dir"
+            ) from None
+        old = stored.get("config_hash")
+        if old is not None and old != digest and not force:
+            before = orjson.loads(stored.get("config", "{}"))
+            changed = ", ".join(_diff_keys(before, snapshot)) or "unknown keys"
+            conn.close()
+            raise RunDirError(
+                f"{run_dir}: this run directory was created with a different config "
+                f"(changed: {changed}); pass --force or use a new --run-dir"
+            )
+        try:
+            if old != digest:
+                text = _canonical(snapshot).decode()
+                conn.execute("BEGIN")
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("schema", SCHEMA_VERSION), ("config_hash", digest), ("config", text),
+                     ("created", stored.get("created", repr(time.time())))],
+                )
+                conn.execute("COMMIT")
+                _atomic_write(run_dir / "config.json",
+                              orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        except (sqlite3.DatabaseError, OSError) as exc:
+            conn.close()
+            raise _disk_error(run_dir, exc) from None
+        journal = cls(run_dir, conn)
+        journal.reset_in_progress()
+        return journal
+
+    # --- what resume needs -----------------------------------------------------------
+
+    def finished_tasks(self) -> set[str]:
+        marks = ",".join("?" * len(TERMINAL_STATES))
+        rows = self._conn.execute(
+            f"SELECT task_id FROM samples WHERE state IN ({marks})", TERMINAL_STATES
+        )
+        return {task_id for (task_id,) in rows}
+
+    def unfinished_calls(self) -> dict[str, CallRecord]:
+        """Replies of tasks that were cut off mid-way: resume reuses them instead of re-sending."""
+        marks = ",".join("?" * len(TERMINAL_STATES))
+        rows = self._conn.execute(
+            "SELECT key, task_id, role, model, endpoint, content, finish_reason, prompt_tokens, "
+            "completion_tokens, latency, attempts FROM calls WHERE task_id NOT IN "
+            f"(SELECT task_id FROM samples WHERE state IN ({marks}))",
+            TERMINAL_STATES,
+        )
+        return {row[0]: CallRecord(*row) for row in rows}
+
+    def state_counts(self) -> dict[str, int]:
+        return _state_counts(self._conn)
+
+    def accepted(self) -> list[SampleRecord]:
+        return list(_samples(self._conn, ("accepted",)))
+
+    def reset_in_progress(self) -> int:
+        """Samples left mid-way by a crash go back to `planned`; their calls stay journaled."""
+        cursor = self._conn.execute(
+            "UPDATE samples SET state = 'planned' WHERE state NOT IN ('planned', 'accepted', "
+            "'rejected', 'failed')"
+        )
+        return cursor.rowcount
+
+    # --- writing ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def record_call(self, record: CallRecord) -> None:
+        self._check()
+        self._queue.put((
+            "INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (record.key, record.task_id, record.role, record.model, record.endpoint,
+             record.content, record.finish_reason, record.prompt_tokens,
+             record.completion_tokens, record.latency, record.attempts, time.time()),
+        ))
+
+    def record_sample(self, sample: SampleRecord) -> None:
+        self._check()
+        self._queue.put((
+            "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?)",
+            (sample.task_id, sample.round, sample.index, sample.state, sample.domain,
+             orjson.dumps(list(sample.seed_ids)).decode(), orjson.dumps(sample.body).decode(),
+             time.time()),
+        ))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._check()
+        self._queue.put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
+
+    def forget_sample(self, task_id: str) -> None:
+        """A cancelled task goes back to `planned` (DESIGN.md §6: in_progress is 0 after exit)."""
+        self._check()
+        self._queue.put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        self._check()
+        assert self._loop is not None, "Journal.start() was not called"
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put(done)
+        await done
+        self._check()
+
+    async def close(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RunDirError):
+                await self.flush()
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+        with contextlib.suppress(sqlite3.DatabaseError):
+            self.reset_in_progress()
+        self._conn.close()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise _disk_error(self.run_dir, self._error)
+
+    def _write_loop(self) -> None:
+        pending: list[_Op] = []
+        waiters: list[asyncio.Future[None]] = []
+        deadline = time.monotonic() + _COMMIT_EVERY
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                stop = True
+            elif isinstance(item, asyncio.Future):
+                waiters.append(item)
+            elif item is not None:
+                pending.append(item)  # type: ignore[arg-type]
+            due = time.monotonic() >= deadline or len(pending) >= _COMMIT_ROWS
+            if (due or waiters or stop) and (pending or waiters):
+                self._commit(pending)
+                pending = []
+                for future in waiters:
+                    self._resolve(future)
+                waiters = []
+            if due:
+                deadline = time.monotonic() + _COMMIT_EVERY
+
+    def _commit(self, ops: list[_Op]) -> None:
+        if not ops or self._error is not None:
+            return
+        try:
+            self._conn.execute("BEGIN")
+            for sql, params in ops:
+                self._conn.execute(sql, params)
+            self._conn.execute("COMMIT")
+        except (sqlite3.DatabaseError, OSError) as exc:
+            self._error = exc
+            with contextlib.suppress(sqlite3.DatabaseError):
+                self._conn.execute("ROLLBACK")
+
+    def _resolve(self, future: asyncio.Future[None]) -> None:
+        def settle() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            self._loop.call_soon_threadsafe(settle)
+
+
+def _diff_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += _diff_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

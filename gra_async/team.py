@@ -1,0 +1,121 @@
+"""The models of a run and who plays which role for each task (DESIGN.md §1 "Roles").
+
+`fixed`: the endpoints' configured roles; the panel is the distinct reviewer models.
+`rotate` (the paper's): every configured model is one pool; per task the generator is
+drawn at random, the reviewers are the other models, and the adjudicator is drawn from
+the models other than the generator. Draws are seeded by (run seed, task id), so a
+resumed run gives every task the same team it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from dataclasses import dataclass
+
+from gra_async.client import Endpoint, EndpointPool, RetryPolicy, Transport, probe
+from gra_async.config import ROLES, EndpointConfig, Role, RunConfig
+from gra_async.errors import ConfigError
+
+__all__ = ["Assignment", "Team", "build_team"]
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    generator: str
+    reviewers: tuple[str, ...]
+    adjudicator: str | None
+
+
+@dataclass(slots=True)
+class Team:
+    """Pools per role (in `rotate` all three are the same pool) and the role draw."""
+
+    mode: str
+    pools: dict[Role, EndpointPool]
+    panel_size: int | None  # None: every eligible reviewer model
+    run_seed: int
+    json_modes: dict[str, str]  # model -> how its server takes structured output
+
+    def models(self, role: Role) -> tuple[str, ...]:
+        pool = self.pools.get(role)
+        return pool.models if pool is not None else ()
+
+    def assign(self, task_id: str) -> Assignment:
+        digest = hashlib.sha256(f"gra-team/{self.run_seed}/{task_id}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:16], "big"))
+        generator = rng.choice(self.models("generator"))
+        reviewers = list(self.models("reviewer"))
+        adjudicators = list(self.models("adjudicator"))
+        if self.mode == "rotate":
+            reviewers = [m for m in reviewers if m != generator]
+            adjudicators = [m for m in adjudicators if m != generator]
+        if self.panel_size is not None and self.panel_size < len(reviewers):
+            reviewers = sorted(rng.sample(reviewers, self.panel_size), key=reviewers.index)
+        adjudicator = rng.choice(adjudicators) if adjudicators else None
+        return Assignment(generator, tuple(reviewers), adjudicator)
+
+    def stats_pools(self) -> list[EndpointPool]:
+        """Each distinct pool once (rotate shares one)."""
+        return list({id(p): p for p in self.pools.values()}.values())
+
+
+def _distinct(configs: list[EndpointConfig]) -> list[EndpointConfig]:
+    seen: dict[tuple[str, str | None], EndpointConfig] = {}
+    for config in configs:
+        seen.setdefault((config.base_url, config.model), config)
+    return list(seen.values())
+
+
+async def build_team(
+    config: RunConfig, transport: Transport, *, policy: RetryPolicy | None = None
+) -> Team:
+    """Make endpoints, probe each once (DESIGN.md §6), and group them into role pools.
+
+    Raises `EndpointError` (exit 2) naming the first endpoint that is unreachable,
+    refuses the key or does not serve its model.
+    """
+    by_role = {role: list(config.endpoints.get(role, ())) for role in ROLES}
+    if not by_role["generator"] and config.run.roles == "fixed":
+        raise ConfigError("no generator endpoint configured (add --endpoint generator=URL)")
+    cache: dict[tuple[str, str | None], Endpoint] = {}
+
+    def endpoint(cfg: EndpointConfig) -> Endpoint:
+        key = (cfg.base_url, cfg.model)
+        if key not in cache:
+            cache[key] = Endpoint(cfg, transport)
+        return cache[key]
+
+    if config.run.roles == "rotate":
+        everyone = [endpoint(c) for c in _distinct([c for r in ROLES for c in by_role[r]])]
+        groups: dict[Role, list[Endpoint]] = dict.fromkeys(ROLES, everyone)
+    else:
+        groups = {role: [endpoint(c) for c in _distinct(by_role[role])] for role in ROLES}
+    await asyncio.gather(*(probe(e, transport) for e in cache.values()))
+
+    pools: dict[Role, EndpointPool] = {}
+    shared: EndpointPool | None = None
+    for role, members in groups.items():
+        if not members:
+            continue
+        if config.run.roles == "rotate":
+            shared = shared or EndpointPool(members, policy=policy)
+            pools[role] = shared
+        else:
+            pools[role] = EndpointPool(members, policy=policy)
+    if not config.gate.adjudicator:
+        pools.pop("adjudicator", None)
+    team = Team(
+        mode=config.run.roles,
+        pools=pools,
+        panel_size=config.run.reviewers,
+        run_seed=config.run.seed,
+        json_modes={e.model: e.config.json_mode for e in reversed(list(cache.values()))},
+    )
+    if config.run.roles == "rotate" and len(team.models("generator")) < 2:
+        raise ConfigError(
+            "--roles rotate needs at least two distinct models (a model never reviews its own "
+            "sample); configure more models or use --roles fixed"
+        )
+    return team
