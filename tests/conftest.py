@@ -1,0 +1,54 @@
+"""Shared fixtures. Servers run as real subprocesses on 127.0.0.1: tests speak HTTP, never mocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gra_async.testing.fake_server import FakeServerProcess
+
+# The fake OpenAI-compatible server ----------------------------------------------------------
+
+FakeServer = FakeServerProcess  # base_url, control(**knobs), stats(bodies=False), reset_stats(), close()
+
+FAKE_MODELS: tuple[str, ...] = ("gen-a", "rev-b", "rev-c", "adj-d")
+
+
+def start_fake_server(**flags: Any) -> FakeServer:
+    """Start a fake server subprocess with these knobs (see gra_async.testing.fake_server).
+
+    `api_key=...` reaches the child through its environment, never its command line.
+    The caller closes it; prefer the `fake_server` fixture when the defaults suit.
+    """
+    flags.setdefault("models", list(FAKE_MODELS))
+    return FakeServerProcess.start(timeout=20.0, **flags)
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    """A fresh fake server serving FAKE_MODELS with no latency; stopped after the test."""
+    server = start_fake_server(models=list(FAKE_MODELS), latency=0.0)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def fake_server_factory() -> Iterator[Callable[..., FakeServer]]:
+    """`start_fake_server` for tests that need other flags (an api key, CLI-only knobs);
+    every server it started is stopped after the test."""
+    started: list[FakeServer] = []
+
+    def start(**flags: Any) -> FakeServer:
+        server = start_fake_server(**flags)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.close()
