@@ -40,6 +40,8 @@ INPUT_FIELDS = ("input",)
 RESPONSE_FIELDS = ("response", "output", "answer")
 DOMAIN_FIELDS = ("domain", "category")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+# Metadata that `datasets.save_to_disk` writes next to the data: not seeds.
+_METADATA_FILES = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +273,7 @@ def _files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
+                  and p.name not in _METADATA_FILES
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 

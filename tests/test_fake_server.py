@@ -31,9 +31,29 @@ def chat(
     return client.post("/chat/completions", json=body)
 
 
+MODELS = ["gen-a", "rev-b", "rev-c", "adj-d"]
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[FakeServer]:
+    # One process for the module, restored before each test: starting one per test would cost
+    # most of this file's time budget on a loaded 2-core machine.
+    server = FakeServer.start(models=MODELS)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
-def client(fake_server: FakeServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=fake_server.base_url, timeout=5) as c:
+def server(shared_server: FakeServer) -> FakeServer:
+    shared_server.restore()
+    return shared_server
+
+
+@pytest.fixture
+def client(server: FakeServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=5) as c:
         yield c
 
 
@@ -63,6 +83,12 @@ class TestEndpoints:
     def test_health_needs_no_auth(self, fake_server_factory: Factory) -> None:
         server = fake_server_factory(api_key="k-123")
         assert httpx.get(f"{server.url}/health").status_code == 200
+
+    def test_conftest_fixture(self, fake_server: FakeServer) -> None:
+        assert fake_server.base_url == f"http://127.0.0.1:{fake_server.port}/v1"
+        models = httpx.get(f"{fake_server.base_url}/models").json()["data"]
+        assert [m["id"] for m in models] == ["gen-a", "rev-b", "rev-c", "adj-d"]
+        assert fake_server.control()["knobs"]["latency"] == 0.0
 
     def test_models_lists_configured_names(self, client: httpx.Client) -> None:
         data = client.get("/models").json()
@@ -125,19 +151,19 @@ class TestEndpoints:
 
 class TestHttp:
     def test_keep_alive_reuses_one_connection(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
         for _ in range(5):
             assert chat(client).status_code == 200
-        assert fake_server.stats()["connections"]["opened"] == 2  # ours and the stats call
+        assert server.stats()["connections"]["opened"] == 2  # ours and the stats call
 
-    def test_pipelined_requests_are_answered_in_order(self, fake_server: FakeServer) -> None:
+    def test_pipelined_requests_are_answered_in_order(self, server: FakeServer) -> None:
         # A slow chat request then an instant /health on one connection: HTTP/1.1 owes the
         # answers in request order, whichever is ready first.
-        fake_server.control(latency=0.3)
+        server.control(latency=0.3)
         slow = post_bytes({"model": "rev-b", "messages": [{"role": "user", "content": "a"}]})
         fast = b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        data = raw_exchange(fake_server, slow + fast)
+        data = raw_exchange(server, slow + fast)
         assert data.count(b"HTTP/1.1 200") == 2
         assert data.index(b'"model":"rev-b"') < data.index(b'{"status":"ok"}')
 
@@ -149,36 +175,36 @@ class TestHttp:
 
 class TestAuth:
     @pytest.fixture
-    def server(self, fake_server_factory: Factory) -> FakeServer:
+    def keyed(self, fake_server_factory: Factory) -> FakeServer:
         return fake_server_factory(api_key="sk-secret-1")
 
     @pytest.mark.parametrize("header", [None, "Bearer wrong", "sk-secret-1"], ids=["none", "wrong", "no-bearer"])
-    def test_missing_or_wrong_key_is_401(self, server: FakeServer, header: str | None) -> None:
+    def test_missing_or_wrong_key_is_401(self, keyed: FakeServer, header: str | None) -> None:
         headers = {} if header is None else {"authorization": header}
-        with httpx.Client(base_url=server.base_url, headers=headers) as c:
+        with httpx.Client(base_url=keyed.base_url, headers=headers) as c:
             for response in (chat(c), c.get("/models")):
                 assert response.status_code == 401
                 assert response.json() == {"error": "Unauthorized"}
 
-    def test_right_key_passes_and_is_never_shown(self, server: FakeServer) -> None:
+    def test_right_key_passes_and_is_never_shown(self, keyed: FakeServer) -> None:
         headers = {"authorization": "Bearer sk-secret-1"}
-        with httpx.Client(base_url=server.base_url, headers=headers) as c:
+        with httpx.Client(base_url=keyed.base_url, headers=headers) as c:
             assert chat(c).status_code == 200
-        assert "sk-secret-1" not in str(server.control())
-        assert server.control()["knobs"]["api_key"] == "***"
-        assert "sk-secret-1" not in str(server.process.args)
+        assert "sk-secret-1" not in str(keyed.control())
+        assert keyed.control()["knobs"]["api_key"] == "***"
+        assert "sk-secret-1" not in str(keyed.process.args)
 
-    def test_key_can_be_set_and_cleared_at_runtime(self, fake_server: FakeServer) -> None:
-        with httpx.Client(base_url=fake_server.base_url) as c:
-            fake_server.control(api_key="k2")
+    def test_key_can_be_set_and_cleared_at_runtime(self, server: FakeServer) -> None:
+        with httpx.Client(base_url=server.base_url) as c:
+            server.control(api_key="k2")
             assert chat(c).status_code == 401
-            fake_server.control(api_key=None)
+            server.control(api_key=None)
             assert chat(c).status_code == 200
 
 
 class TestRateLimits:
-    def test_rpm_429_with_headers(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(rpm=2)
+    def test_rpm_429_with_headers(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(rpm=2)
         first, second, third = (chat(client) for _ in range(3))
         assert first.status_code == second.status_code == 200
         assert first.headers["x-ratelimit-limit-requests"] == "2"
@@ -192,15 +218,15 @@ class TestRateLimits:
         reset = third.headers["x-ratelimit-reset-requests"]
         assert reset.endswith("s") and 59 < float(reset[:-1]) <= 60
 
-    def test_rpm_window_slides(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(rpm=1)
+    def test_rpm_window_slides(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(rpm=1)
         assert chat(client).status_code == 200
         assert chat(client).status_code == 429
-        fake_server.control(rpm=1)  # a new limit starts a new window
+        server.control(rpm=1)  # a new limit starts a new window
         assert chat(client).status_code == 200
 
-    def test_tpm_429_with_token_headers(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(tpm=150)
+    def test_tpm_429_with_token_headers(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(tpm=150)
         first = chat(client, "y" * 400)  # 100 prompt tokens + the reply's
         assert first.status_code == 200
         assert first.headers["x-ratelimit-limit-tokens"] == "150"
@@ -210,8 +236,8 @@ class TestRateLimits:
         assert int(second.headers["retry-after"]) >= 59
         assert "x-ratelimit-reset-tokens" in second.headers
 
-    def test_retry_after_knob_overrides(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(rpm=1, retry_after=2.5)
+    def test_retry_after_knob_overrides(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(rpm=1, retry_after=2.5)
         chat(client)
         response = chat(client)
         assert response.status_code == 429
@@ -224,25 +250,25 @@ class TestRateLimits:
 
 class TestStatusScript:
     def test_statuses_in_order_then_normal(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(status_script=[429, 500, 200, 503], retry_after=0.25)
+        server.control(status_script=[429, 500, 200, 503], retry_after=0.25)
         responses = [chat(client) for _ in range(5)]
         assert [r.status_code for r in responses] == [429, 500, 200, 503, 200]
         assert responses[0].headers["retry-after"] == "0.25"
         assert responses[0].headers["retry-after-ms"] == "250"
         assert responses[1].json()["error"]["code"] == 500
-        assert fake_server.stats()["script_left"] == 0
+        assert server.stats()["script_left"] == 0
 
     def test_scripted_429_defaults_to_one_second(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(status_script=[429])
+        server.control(status_script=[429])
         assert chat(client).headers["retry-after"] == "1"
 
-    def test_fault_steps(self, fake_server: FakeServer) -> None:
-        fake_server.control(status_script=["malformed", "truncate", "reset"])
-        with httpx.Client(base_url=fake_server.base_url) as c:
+    def test_fault_steps(self, server: FakeServer) -> None:
+        server.control(status_script=["malformed", "truncate", "reset"])
+        with httpx.Client(base_url=server.base_url) as c:
             malformed = chat(c)
             assert malformed.status_code == 200
             with pytest.raises(ValueError):
@@ -252,57 +278,65 @@ class TestStatusScript:
                 chat(c)
 
     def test_rejected_requests_do_not_consume_the_script(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(status_script=[500])
+        server.control(status_script=[500])
         assert chat(client, model="unknown").status_code == 404
         assert chat(client).status_code == 500
 
 
 class TestFaults:
-    def test_error_rate(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(error_rate=1.0)
+    def test_error_rate(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(error_rate=1.0)
         statuses = {chat(client, str(i)).status_code for i in range(30)}
         assert statuses <= {500, 502, 503} and len(statuses) >= 2
         assert chat(client).json()["error"]["code"] in (500, 502, 503)
 
-    def test_reset_rate_resets_the_connection(self, fake_server: FakeServer) -> None:
-        fake_server.control(reset_rate=1.0)
+    def test_reset_rate_resets_the_connection(self, server: FakeServer) -> None:
+        server.control(reset_rate=1.0)
         with pytest.raises(ConnectionResetError):  # RST, not a clean close
-            raw_exchange(fake_server, post_bytes({"model": "gen-a", "messages": [{"role": "user", "content": "x"}]}))
-        assert fake_server.stats()["faults"]["reset"] == 1
+            raw_exchange(server, post_bytes({"model": "gen-a", "messages": [{"role": "user", "content": "x"}]}))
+        assert server.stats()["faults"]["reset"] == 1
 
-    def test_hang_until_the_client_gives_up(self, fake_server: FakeServer) -> None:
-        fake_server.control(hang_rate=1.0)
-        with httpx.Client(base_url=fake_server.base_url, timeout=0.3) as c:
-            with pytest.raises(httpx.ReadTimeout):
-                chat(c)
-            assert fake_server.stats()["in_flight"] == 1
-        time.sleep(0.1)  # the client has closed its socket; the server notices
-        stats = fake_server.stats()
+    def test_hang_until_the_client_gives_up(self, server: FakeServer) -> None:
+        server.control(hang_rate=1.0)
+        body = {"model": "gen-a", "messages": [{"role": "user", "content": "x"}]}
+        with socket.create_connection((server.host, server.port), timeout=0.3) as sock:
+            sock.sendall(post_bytes(body))
+            with pytest.raises(TimeoutError):
+                sock.recv(1024)
+            assert server.stats()["in_flight"] == 1
+        deadline = time.monotonic() + 2
+        while server.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.02)  # the server notices the client's close on its next loop turn
+        stats = server.stats()
         assert stats["in_flight"] == 0 and stats["faults"]["hang"] == 1
+        with httpx.Client(base_url=server.base_url, timeout=0.2) as c, pytest.raises(
+            httpx.ReadTimeout
+        ):
+            chat(c)
 
-    def test_malformed_rate(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(malformed_rate=1.0)
+    def test_malformed_rate(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(malformed_rate=1.0)
         response = chat(client)
         assert response.status_code == 200
         with pytest.raises(ValueError):
             orjson.loads(response.content)
 
     def test_truncate_rate_halves_the_content(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
         full = chat(client).json()["choices"][0]["message"]["content"]
-        fake_server.control(truncate_rate=1.0)
+        server.control(truncate_rate=1.0)
         cut = chat(client).json()["choices"][0]
         assert cut["finish_reason"] == "length"
         assert cut["message"]["content"] == full[: len(full) // 2]
 
     def test_seed_places_faults_deterministically(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
         def run(seed: int) -> list[int]:
-            fake_server.control(seed=seed, error_rate=0.5)
+            server.control(seed=seed, error_rate=0.5)
             return [chat(client, str(i)).status_code for i in range(24)]
 
         first = run(7)
@@ -310,18 +344,18 @@ class TestFaults:
         assert 200 in first and any(s >= 500 for s in first)
         assert run(8) != first
 
-    def test_rates_adding_past_one_are_refused(self, fake_server: FakeServer) -> None:
+    def test_rates_adding_past_one_are_refused(self, server: FakeServer) -> None:
         with pytest.raises(RuntimeError, match="add up to more than 1"):
-            fake_server.control(error_rate=0.6, reset_rate=0.6)
+            server.control(error_rate=0.6, reset_rate=0.6)
 
 
 class TestTiming:
-    def test_latency_and_jitter(self, fake_server: FakeServer, client: httpx.Client) -> None:
-        fake_server.control(latency=0.3)
+    def test_latency_and_jitter(self, server: FakeServer, client: httpx.Client) -> None:
+        server.control(latency=0.3)
         start = time.perf_counter()
         chat(client)
         assert 0.29 <= time.perf_counter() - start < 1.0
-        fake_server.control(latency=0.2, jitter=0.15)
+        server.control(latency=0.2, jitter=0.15)
         times = []
         for i in range(6):
             start = time.perf_counter()
@@ -330,12 +364,12 @@ class TestTiming:
         assert min(times) >= 0.049 and max(times) < 0.9
         assert max(times) - min(times) > 0.02  # jitter varies the delay
 
-    def test_delayed_requests_overlap(self, fake_server: FakeServer) -> None:
-        fake_server.control(latency=0.5)
+    def test_delayed_requests_overlap(self, server: FakeServer) -> None:
+        server.control(latency=0.5)
 
         async def burst() -> float:
             limits = httpx.Limits(max_connections=100)
-            async with httpx.AsyncClient(base_url=fake_server.base_url, limits=limits) as c:
+            async with httpx.AsyncClient(base_url=server.base_url, limits=limits) as c:
                 body = {"model": "gen-a", "messages": [{"role": "user", "content": "hi"}]}
                 start = time.perf_counter()
                 responses = await asyncio.gather(
@@ -345,12 +379,12 @@ class TestTiming:
                 return time.perf_counter() - start
 
         assert asyncio.run(burst()) < 2.0
-        assert fake_server.stats()["in_flight_peak"] == 100
+        assert server.stats()["in_flight_peak"] == 100
 
     def test_dribble_sends_the_body_slowly_but_whole(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(dribble=0.4)
+        server.control(dribble=0.4)
         with client.stream(
             "POST", "/chat/completions",
             json={"model": "gen-a", "messages": [{"role": "user", "content": "hi"}]},
@@ -364,34 +398,34 @@ class TestTiming:
 
 class TestDown:
     def test_down_503_everywhere_but_control(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(down=True)
+        server.control(down=True)
         assert chat(client).status_code == 503
         assert client.get("/models").status_code == 503
-        assert httpx.get(f"{fake_server.url}/health").status_code == 503
-        fake_server.control(down=False)
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        server.control(down=False)
         assert chat(client).status_code == 200
 
-    def test_down_reset(self, fake_server: FakeServer) -> None:
-        fake_server.control(down=True, down_mode="reset")
+    def test_down_reset(self, server: FakeServer) -> None:
+        server.control(down=True, down_mode="reset")
         with pytest.raises(ConnectionResetError):
-            raw_exchange(fake_server, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            raw_exchange(server, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
 
-    def test_down_refuse_then_back_up(self, fake_server: FakeServer) -> None:
-        with httpx.Client(base_url=fake_server.base_url) as c:
+    def test_down_refuse_then_back_up(self, server: FakeServer) -> None:
+        with httpx.Client(base_url=server.base_url) as c:
             assert chat(c).status_code == 200
-            fake_server.control(down=True, down_mode="refuse", down_for=0.6)
+            server.control(down=True, down_mode="refuse", down_for=0.6)
             with pytest.raises(httpx.TransportError):  # the open connection is reset
                 chat(c)
             with pytest.raises(httpx.ConnectError):
-                httpx.get(f"{fake_server.url}/health")
+                httpx.get(f"{server.url}/health")
             time.sleep(0.9)
             assert chat(c).status_code == 200
 
-    def test_refuse_needs_down_for(self, fake_server: FakeServer) -> None:
+    def test_refuse_needs_down_for(self, server: FakeServer) -> None:
         with pytest.raises(RuntimeError, match="down_for"):
-            fake_server.control(down=True, down_mode="refuse")
+            server.control(down=True, down_mode="refuse")
 
 
 class Scores(BaseModel):
@@ -459,9 +493,9 @@ class TestStructuredOutput:
 
     @pytest.mark.parametrize("status", [500, 400])
     def test_unsupported_mode_is_refused(
-        self, fake_server: FakeServer, client: httpx.Client, status: int
+        self, server: FakeServer, client: httpx.Client, status: int
     ) -> None:
-        fake_server.control(json_schema_modes=["json_object"], unsupported_format_status=status)
+        server.control(json_schema_modes=["json_object"], unsupported_format_status=status)
         fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
         assert chat(client, response_format=fmt).status_code == status
         ok = {"type": "json_object", "schema": {"type": "object"}}
@@ -470,9 +504,9 @@ class TestStructuredOutput:
 
 class TestRules:
     def test_first_matching_rule_wins_and_times_limits_it(
-        self, fake_server: FakeServer, client: httpx.Client
+        self, server: FakeServer, client: httpx.Client
     ) -> None:
-        fake_server.control(rules=[
+        server.control(rules=[
             {"contains": "REVIEW", "model": "rev-b", "content": '{"score": 9}', "times": 1},
             {"contains": "REVIEW", "content": '{"score": 2}'},
             {"model": "gen-a", "content": "generated"},
@@ -487,21 +521,21 @@ class TestRules:
         assert reply("please REVIEW this", "rev-c") == '{"score": 2}'
         assert reply("anything", "gen-a") == "generated"
         assert reply("anything", "adj-d") not in ('{"score": 2}', "generated")
-        assert fake_server.stats()["rule_hits"] == [1, 2, 1]
+        assert server.stats()["rule_hits"] == [1, 2, 1]
 
-    def test_bad_rule_is_refused(self, fake_server: FakeServer) -> None:
+    def test_bad_rule_is_refused(self, server: FakeServer) -> None:
         with pytest.raises(RuntimeError, match="content"):
-            fake_server.control(rules=[{"contains": "x"}])
+            server.control(rules=[{"contains": "x"}])
 
 
 class TestStatsAndControl:
-    def test_counters(self, fake_server: FakeServer, client: httpx.Client) -> None:
+    def test_counters(self, server: FakeServer, client: httpx.Client) -> None:
         messages = [{"role": "user", "content": "count me"}]
         for _ in range(2):
             client.post("/chat/completions", json={"model": "rev-b", "messages": messages})
         chat(client, model="gen-a")
         chat(client, model="missing")
-        stats = fake_server.stats()
+        stats = server.stats()
         assert stats["requests"] == stats["chat_requests"] == 4
         assert stats["status"] == {"200": 3, "404": 1}
         assert stats["models"] == {"rev-b": 2, "gen-a": 1, "missing": 1}
@@ -510,21 +544,37 @@ class TestStatsAndControl:
         assert stats["in_flight"] == 0 and stats["in_flight_peak"] == 1
         assert "bodies" not in stats
 
-    def test_bodies_on_request(self, fake_server: FakeServer, client: httpx.Client) -> None:
+    def test_bodies_on_request(self, server: FakeServer, client: httpx.Client) -> None:
         chat(client, "first", temperature=0.3)
-        bodies = fake_server.stats(bodies=True)["bodies"]
+        bodies = server.stats(bodies=True)["bodies"]
         assert bodies == [{"model": "gen-a", "messages": [{"role": "user", "content": "first"}],
                            "temperature": 0.3}]
 
-    def test_reset_stats(self, fake_server: FakeServer, client: httpx.Client) -> None:
+    def test_reset_stats(self, server: FakeServer, client: httpx.Client) -> None:
         chat(client)
-        fake_server.reset_stats()
-        stats = fake_server.stats(bodies=True)
+        server.reset_stats()
+        stats = server.stats(bodies=True)
         assert stats["requests"] == 0 and stats["calls"] == {} and stats["bodies"] == []
 
-    def test_partial_update_keeps_other_knobs(self, fake_server: FakeServer) -> None:
-        fake_server.control(latency=0.01, rpm=50)
-        knobs = fake_server.control(tpm=9)["knobs"]
+    def test_restore_is_a_fresh_start(self, server: FakeServer) -> None:
+        server.control(latency=0.2, status_script=[500], rules=[{"content": "x"}], down=True)
+        with socket.create_connection((server.host, server.port), timeout=2) as old:
+            old.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert b" 503 " in old.recv(4096)
+            server.restore(rpm=7)
+            with pytest.raises(ConnectionResetError):  # connections from before are dropped
+                old.recv(4096)
+        with httpx.Client(base_url=server.base_url) as c:
+            response = chat(c)
+        assert response.status_code == 200 and response.headers["x-ratelimit-limit-requests"] == "7"
+        assert response.json()["choices"][0]["message"]["content"] != "x"
+        knobs = server.control()["knobs"]
+        assert (knobs["latency"], knobs["status_script"], knobs["down"]) == (0.0, [], False)
+        assert server.stats()["chat_requests"] == 1
+
+    def test_partial_update_keeps_other_knobs(self, server: FakeServer) -> None:
+        server.control(latency=0.01, rpm=50)
+        knobs = server.control(tpm=9)["knobs"]
         assert (knobs["latency"], knobs["rpm"], knobs["tpm"]) == (0.01, 50, 9)
         assert knobs["models"] == ["gen-a", "rev-b", "rev-c", "adj-d"]
 
@@ -536,11 +586,11 @@ class TestStatsAndControl:
         ids=["unknown", "negative", "rate", "script", "down-mode", "atomic"],
     )
     def test_bad_knobs_are_refused_whole(
-        self, fake_server: FakeServer, knobs: dict[str, Any], message: str
+        self, server: FakeServer, knobs: dict[str, Any], message: str
     ) -> None:
         with pytest.raises(RuntimeError, match=message):
-            fake_server.control(**knobs)
-        assert fake_server.control()["knobs"]["models"] == ["gen-a", "rev-b", "rev-c", "adj-d"]
+            server.control(**knobs)
+        assert server.control()["knobs"]["models"] == ["gen-a", "rev-b", "rev-c", "adj-d"]
 
 
 class TestCommandLine:
@@ -552,7 +602,7 @@ class TestCommandLine:
 
     def test_ready_line_flags_and_clean_sigterm(self) -> None:
         process = self.start(
-            "--models", "m1,m2", "--rpm", "5", "--status-script", "503,200",
+            "--models", "m1,m2", "--rpm", "5", "--status-script", "503",
             "--api-key-env", "FAKE_KEY_FOR_TEST", env={"FAKE_KEY_FOR_TEST": "very-secret"},
         )
         assert process.stdout is not None

@@ -131,6 +131,18 @@ class TestFormats:
         assert [(s.id, s.instruction, s.response, s.domain) for s in seeds] == [
             ("1", "p1", "o1", "x"), ("2", "p2", "o2", "")]
 
+    def test_arrow_stream_as_written_by_save_to_disk(self, tmp_path: Path) -> None:
+        path = tmp_path / "data-00000-of-00001.arrow"
+        table = pa.table({"instruction": ["i1"], "output": ["o1"]})
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        assert load_seeds(path, CFG) == [Seed("1", "i1", "o1", "")]
+
+    def test_json_suffix_with_json_lines(self, tmp_path: Path) -> None:
+        path = write_lines(tmp_path / "s.json", row(instruction="a", response="b"),
+                           row(instruction="c", response="d"))
+        assert [s.instruction for s in load_seeds(path, CFG)] == ["a", "c"]
+
     def test_directory_of_files_prefixes_ids(self, tmp_path: Path) -> None:
         folder = tmp_path / "snapshot"
         (folder / "data").mkdir(parents=True)
@@ -138,6 +150,7 @@ class TestFormats:
         pq.write_table(pa.table({"instruction": ["c"], "response": ["d"]}),
                        folder / "data" / "b.parquet")
         (folder / "README.md").write_text("not a seed file", encoding="utf-8")
+        (folder / "dataset_info.json").write_text('{\n "features": {}\n}', encoding="utf-8")
         seeds = load_seeds(folder, CFG)
         assert [s.id for s in seeds] == ["data/a.jsonl:1", "data/b.parquet:1"]
 
@@ -218,9 +231,9 @@ class TestSeedErrors:
 # --------------------------------------------------------------------------- domains
 
 TOPICS = {
-    "cooking": "bake oven flour sugar dough recipe butter".split(),
-    "astronomy": "planet orbit telescope galaxy comet star moon".split(),
-    "sql": "select join table index query column rows".split(),
+    "cooking": ["bake", "oven", "flour", "sugar", "dough", "recipe", "butter"],
+    "astronomy": ["planet", "orbit", "telescope", "galaxy", "comet", "star", "moon"],
+    "sql": ["select", "join", "table", "index", "query", "column", "rows"],
 }
 
 

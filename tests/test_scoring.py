@@ -137,7 +137,7 @@ class TestReview:
          ([7], "not a number"), ("NaN", "not a number")],
     )
     def test_invalid_scores(self, raw: Any, reason: str) -> None:
-        with pytest.raises(InvalidReply, match=f"score for correctness .*{reason}|score for correctness is {reason}"):
+        with pytest.raises(InvalidReply, match=f"^score for correctness .*{reason}"):
             parse_review(review_text(uniform(raw)), CRITERIA)
 
     def test_nan_literal(self) -> None:
@@ -274,9 +274,8 @@ class TestDecide:
         gate = GATE.model_copy(update={"adjudicator": adjudicator})
         assert decide(PanelScore(mean, std, (mean,)), gate) is decision
 
-    def test_mean_rounding_does_not_reject_at_the_bar(self) -> None:
-        panel = aggregate([review(7, 7, 7), review(7, 7, 7), review(7, 7, 7)])
-        assert decide(PanelScore(panel.mean - 1e-12, 0.0, ()), GATE) is Decision.ACCEPT
+    def test_float_noise_does_not_reject_at_the_bar(self) -> None:
+        assert decide(PanelScore(7.0 - 1e-12, 0.0, (7.0,)), GATE) is Decision.ACCEPT
 
     def test_no_reviewers_accepts(self) -> None:
         assert decide(None, GATE) is Decision.ACCEPT

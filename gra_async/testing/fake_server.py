@@ -12,16 +12,19 @@ Endpoints:
     GET  /health                200 (503 or reset while `down`), no auth
     GET  /_stats[?bodies=1]     counters as JSON, no auth (`bodies=1`: the last 1000 requests)
     POST /_control              set knobs with a JSON object (partial update), no auth;
-                                `{"reset_stats": true}` zeroes the counters. GET shows them.
+                                `{"reset_stats": true}` zeroes the counters; `{"restore": true}`
+                                puts every knob back to its start value, zeroes the counters and
+                                drops the other connections, as if restarted. GET shows knobs.
 
 Knobs (same names as flags at start: `--error-rate 0.1`; or all at once: `--knobs JSON`):
     latency, jitter      seconds before a chat reply; jitter is uniform +-, never below 0
     rpm, tpm             requests / tokens per minute over a sliding 60 s window (0: no limit).
                          Over it: 429 with `Retry-After` and `retry-after-ms`; while set, every
                          chat reply carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
-                         (reset: time until one more unit is free, like "1.5s"). A request costs
-                         its prompt tokens (chars/4) at admission plus its completion tokens.
-                         Setting rpm or tpm starts a fresh window.
+                         (reset: time until one more unit is free, like "1.5s"). A request is
+                         admitted while the window's tokens plus its prompt (chars/4) fit in tpm;
+                         each 200 reply adds its total tokens. Setting rpm or tpm starts a fresh
+                         window.
     error_rate           fraction answered 500, 502 or 503 with an OpenAI error body
     reset_rate           fraction whose connection is reset (RST) without a response
     hang_rate            fraction never answered; the connection stays open until the client quits
@@ -39,7 +42,8 @@ Knobs (same names as flags at start: `--error-rate 0.1`; or all at once: `--knob
     status_script        the next chat requests' fates, in order, then normal: HTTP statuses
                          (200 answers normally) or "reset", "hang", "malformed", "truncate".
                          Scripted requests skip the rate limiter and the random faults.
-    retry_after          seconds sent on every 429 (default: scripted 1, rate limits computed)
+    retry_after          seconds sent on every 429 (default: 1 for scripted ones; for rate limits
+                         the time until a slot frees, `Retry-After` rounded up to whole seconds)
     json_schema_modes    accepted `response_format` types ("json_schema", "json_object");
     unsupported_format_status   others get this status (500, as llama.cpp does for json_schema)
     rules                scripted replies: a list of {"content": str, "model": str?,
@@ -52,7 +56,12 @@ Default replies: with a schema (`{"type": "json_schema", "json_schema": {"schema
 min/max, lengths, $ref; `pattern` is ignored), its numbers drawn from a hash of the model and the
 messages so distinct requests get distinct, reproducible scores; without one a short plain text
 about the last user message. A reply longer than `max_tokens` (4 chars a token) is cut there with
-finish_reason "length", as a real server does.
+finish_reason "length", as a real server does. `stream: true` is refused with 400.
+
+`/_stats`: `requests` (to /v1), `chat_requests`, `status` {"200": n, ...}, `models` {name: n},
+`faults` {"reset"|"hang"|"malformed"|"truncated": n}, `rule_hits` (per rule), `in_flight`,
+`in_flight_peak`, `connections` {"opened", "open"}, `script_left`, and `calls`:
+{call_key(model, messages): n}, so a test can assert no call was sent twice.
 """
 
 from __future__ import annotations
@@ -62,7 +71,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import http.client
 import math
 import os
 import random
@@ -297,6 +305,28 @@ _KNOB_PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "unsupported_format_status": _status,
     "rules": _rules,
     "seed": _seed,
+}
+_KNOB_HELP: Final = {
+    "latency": "seconds before each chat reply",
+    "jitter": "uniform +- seconds around latency",
+    "rpm": "requests per minute (sliding 60 s window; 0: unlimited)",
+    "tpm": "tokens per minute (sliding 60 s window; 0: unlimited)",
+    "error_rate": "fraction answered 500/502/503",
+    "reset_rate": "fraction whose connection is reset without a reply",
+    "hang_rate": "fraction never answered",
+    "malformed_rate": "fraction answered 200 with broken JSON",
+    "truncate_rate": 'fraction cut in half with finish_reason "length"',
+    "dribble": "seconds over which each chat body is sent in pieces",
+    "down": "start down",
+    "down_mode": "how down fails: 503, reset or refuse",
+    "down_for": "seconds until down clears itself (0: until told)",
+    "models": "served model names, comma-separated",
+    "status_script": "fates of the next chat requests, e.g. 429,500,reset,200",
+    "retry_after": "seconds to send on every 429",
+    "json_schema_modes": "accepted response_format types, comma-separated",
+    "unsupported_format_status": "status for other response_format types",
+    "rules": "scripted replies as a JSON list (see the module docstring)",
+    "seed": "seed of the fault RNG",
 }
 _FAULT_RATES: Final = ("reset_rate", "hang_rate", "error_rate", "malformed_rate", "truncate_rate")
 
@@ -642,7 +672,7 @@ class _Connection(asyncio.Protocol):
             return
         body = b"".join(self.body)
         self.body = []
-        reply = self.server.handle(self.parser.get_method(), self.url, self.auth, body)
+        reply = self.server.handle(self.parser.get_method(), self.url, self.auth, body, self)
         if not self.parser.should_keep_alive():
             reply.close = True
         self.enqueue(reply)
@@ -720,6 +750,16 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_http(status, _error_body(status, message), keep_alive=False))
             self.transport.close()
 
+    def drop(self) -> None:
+        """Forget every pending reply and reset the connection (for `restore`)."""
+        for slot in self.queue:
+            if slot.timer is not None:
+                slot.timer.cancel()
+        self.queue.clear()
+        if self.dribble_timer is not None:
+            self.dribble_timer.cancel()
+        self.reset()
+
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0), so the client sees a reset, not a clean EOF."""
         if self.transport is None or self.closed:
@@ -767,7 +807,9 @@ class FakeOpenAIServer:
         self._up_timer: asyncio.TimerHandle | None = None
         self._started = time.time()
         self._next_id = 0
-        self._apply_side_effects(Knobs(), self.knobs, set(_KNOB_PARSERS))
+        self._initial = self.knobs
+        self._relisten: asyncio.Task[None] | None = None
+        self._apply_side_effects(self.knobs, set(_KNOB_PARSERS))
 
     # lifecycle
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -784,12 +826,14 @@ class FakeOpenAIServer:
         if self.knobs.down and self.knobs.down_mode == "refuse":
             self._stop_listening()
 
-    def _stop_listening(self) -> None:
+    def _stop_listening(self, spare: _Connection | None = None) -> None:
+        """Refuse new connections and reset the open ones, but `spare` (the /_control caller)."""
         if self._server is not None:
             self._server.close()
             self._server = None
         for conn in list(self.connections):
-            conn.reset()
+            if conn is not spare:
+                conn.reset()
 
     async def stop(self) -> None:
         """Stop listening and drop every connection, hung ones included."""
@@ -821,25 +865,39 @@ class FakeOpenAIServer:
         self.in_flight -= 1
 
     # knobs
-    def update(self, changes: Mapping[str, Any]) -> None:
-        """Apply a partial knob update (raises KnobError and changes nothing if one is bad)."""
+    def update(self, changes: Mapping[str, Any], origin: _Connection | None = None) -> None:
+        """Apply a partial knob update (raises KnobError and changes nothing if one is bad).
+
+        Two actions ride along: `reset_stats` zeroes the counters; `restore` first puts every
+        knob back to its start value and drops every connection but `origin` (the one asking),
+        so one server can serve many tests or benchmark scenarios as if freshly started.
+        """
         changes = dict(changes)
-        reset = changes.pop("reset_stats", False)
-        if not isinstance(reset, bool):
-            raise KnobError(f"reset_stats: expected true or false, got {reset!r}")
-        old, new = self.knobs, updated_knobs(self.knobs, changes)
-        self.knobs = new
-        self._apply_side_effects(old, new, set(changes))
-        if reset:
+        actions = {name: changes.pop(name, False) for name in ("reset_stats", "restore")}
+        for name, value in actions.items():
+            if not isinstance(value, bool):
+                raise KnobError(f"{name}: expected true or false, got {value!r}")
+        new = updated_knobs(self._initial if actions["restore"] else self.knobs, changes)
+        if actions["restore"]:
+            for conn in list(self.connections):
+                if conn is not origin:
+                    conn.drop()
+            self.in_flight = len(origin.queue) if origin is not None else 0
+            self.knobs = new
+            self._apply_side_effects(new, set(_KNOB_PARSERS), origin)
+        else:
+            self.knobs = new
+            self._apply_side_effects(new, set(changes), origin)
+        if actions["reset_stats"] or actions["restore"]:
             self.reset_stats()
 
     def reset_stats(self) -> None:
-        opened = len(self.connections)
         self.stats = _Stats()
         self.stats.in_flight_peak = self.in_flight
-        self.stats.connections_opened = opened
 
-    def _apply_side_effects(self, old: Knobs, new: Knobs, changed: set[str]) -> None:
+    def _apply_side_effects(
+        self, new: Knobs, changed: set[str], origin: _Connection | None = None
+    ) -> None:
         if "seed" in changed:
             self._fault_rng = random.Random(new.seed)
             self._jitter_rng = random.Random(new.seed ^ 0x5EED)
@@ -855,9 +913,9 @@ class FakeOpenAIServer:
         if "api_key" in changed:
             self._auth = None if new.api_key is None else b"Bearer " + new.api_key.encode()
         if {"down", "down_mode", "down_for"} & changed:
-            self._apply_down(old, new)
+            self._apply_down(new, origin)
 
-    def _apply_down(self, old: Knobs, new: Knobs) -> None:
+    def _apply_down(self, new: Knobs, origin: _Connection | None) -> None:
         if self._up_timer is not None:
             self._up_timer.cancel()
             self._up_timer = None
@@ -865,16 +923,22 @@ class FakeOpenAIServer:
             self._up_timer = self.loop.call_later(new.down_for, self._come_up)
         refusing = new.down and new.down_mode == "refuse"
         if refusing and self._server is not None:
-            self._stop_listening()
-        elif not refusing and self._server is None and self.port:
-            self.loop.create_task(self._listen(self.port))
+            self._stop_listening(spare=origin)
+        elif (
+            not refusing and self._server is None and self.port
+            and (self._relisten is None or self._relisten.done())
+        ):
+            self._relisten = self.loop.create_task(self._listen(self.port))
 
     def _come_up(self) -> None:
         self._up_timer = None
         self.update({"down": False})
 
     # requests
-    def handle(self, method: bytes, url: bytes, auth: bytes | None, body: bytes) -> _Reply:
+    def handle(
+        self, method: bytes, url: bytes, auth: bytes | None, body: bytes,
+        origin: _Connection | None = None,
+    ) -> _Reply:
         """Route one request; the hot path is /v1/chat/completions."""
         path, _, query = url.partition(b"?")
         if path == b"/v1/chat/completions":
@@ -884,13 +948,16 @@ class FakeOpenAIServer:
         if path == b"/v1/models":
             return self._models(auth)
         if path == b"/health":
-            down = self._down_reply()
-            return down or _Reply(_http(200, b'{"status":"ok"}'))
+            if not self.knobs.down:
+                return _Reply(_http(200, b'{"status":"ok"}'))
+            if self.knobs.down_mode == "503":
+                return _Reply(_http(503, _error_body(503, "the server is down")))
+            return _Reply(fate=RESET)
         if path == b"/_stats":
             bodies = parse_qs(query.decode("latin-1")).get("bodies", ["0"])[0] not in ("0", "")
             return _Reply(_http(200, self.stats_json(bodies)))
         if path == b"/_control":
-            return self._control(method, body)
+            return self._control(method, body, origin)
         return _Reply(_http(404, _error_body(404, f"no route {path.decode('latin-1')}")))
 
     def _v1(self, status: int, body: bytes, headers: bytes = b"", delay: float = 0.0) -> _Reply:
@@ -922,13 +989,13 @@ class FakeOpenAIServer:
         ]
         return self._v1(200, orjson.dumps({"object": "list", "data": data}))
 
-    def _control(self, method: bytes, body: bytes) -> _Reply:
+    def _control(self, method: bytes, body: bytes, origin: _Connection | None) -> _Reply:
         if method == b"POST":
             try:
                 changes = orjson.loads(body or b"{}")
                 if not isinstance(changes, dict):
                     raise KnobError("expected a JSON object of knobs")
-                self.update(changes)
+                self.update(changes, origin)
             except orjson.JSONDecodeError as exc:
                 return _Reply(_http(400, _error_body(400, f"/_control body is not JSON: {exc}")))
             except KnobError as exc:
@@ -1202,17 +1269,17 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, kind in _KNOB_PARSERS.items():
         if name == "api_key":
             continue  # only from the environment: a flag would show the key in `ps`
-        flag = "--" + name.replace("_", "-")
+        flag, text = "--" + name.replace("_", "-"), _KNOB_HELP[name]
         if kind is _flag:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None)
+            parser.add_argument(flag, dest=name, action="store_const", const=True, help=text)
         elif kind in (_seconds, _fraction, _retry_after):
-            parser.add_argument(flag, dest=name, type=float, default=None)
+            parser.add_argument(flag, dest=name, type=float, metavar="X", help=text)
         elif kind in (_count, _seed, _status):
-            parser.add_argument(flag, dest=name, type=int, default=None)
+            parser.add_argument(flag, dest=name, type=int, metavar="N", help=text)
         elif kind is _rules:
-            parser.add_argument(flag, dest=name, type=orjson.loads, default=None, metavar="JSON")
+            parser.add_argument(flag, dest=name, type=orjson.loads, metavar="JSON", help=text)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar="A,B")
+            parser.add_argument(flag, dest=name, metavar="A,B", help=text)
     return parser
 
 
@@ -1332,6 +1399,10 @@ class FakeServerProcess:
     def reset_stats(self) -> None:
         self._call("POST", "/_control", {"reset_stats": True})
 
+    def restore(self, **knobs: Any) -> dict[str, Any]:
+        """Back to the start knobs (then these), stats zeroed, other connections dropped."""
+        return self.control(restore=True, **knobs)
+
     def stats(self, bodies: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/_stats?bodies=1" if bodies else "/_stats")
         return result
@@ -1347,6 +1418,8 @@ class FakeServerProcess:
         self.close()
 
     def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        import http.client  # here, not at the top: it would add ~40 ms to every server start
+
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
             body = None if payload is None else orjson.dumps(payload)

@@ -80,7 +80,9 @@ def convert(gguf: Path, out: Path, dtype_name: str = "bfloat16") -> dict[str, ob
 
     state = {k: v.detach().to(dtype).contiguous() for k, v in src.state_dict().items()}
     result = dst.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [
+        k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)
+    ]
     if missing or result.unexpected_keys:
         raise SystemExit(
             f"convert_gguf.py: weights do not match: missing={missing} unexpected={result.unexpected_keys}"
@@ -108,7 +110,7 @@ def convert(gguf: Path, out: Path, dtype_name: str = "bfloat16") -> dict[str, ob
         ids = ids["input_ids"]
     with torch.no_grad():
         gen = dst.generate(ids, max_new_tokens=12, do_sample=False)
-    reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    reply = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
 
     info = {
         "gguf": str(gguf),

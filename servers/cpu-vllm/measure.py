@@ -51,35 +51,54 @@ async def one_gen(client: httpx.AsyncClient, model: str, tokens: int, i: int) ->
     return int(r.json()["usage"]["completion_tokens"])
 
 
-async def throughput(client: httpx.AsyncClient, model: str, tokens: int, n: int) -> dict[str, float]:
+async def throughput(
+    client: httpx.AsyncClient, model: str, tokens: int, n: int
+) -> dict[str, float]:
     t0 = time.monotonic()
     counts = await asyncio.gather(*(one_gen(client, model, tokens, i) for i in range(n)))
     dt = time.monotonic() - t0
-    return {"requests": n, "completion_tokens": sum(counts), "seconds": round(dt, 2),
-            "tok_per_s": round(sum(counts) / dt, 1)}
+    return {
+        "requests": n,
+        "completion_tokens": sum(counts),
+        "seconds": round(dt, 2),
+        "tok_per_s": round(sum(counts) / dt, 1),
+    }
 
 
 def validate(obj: Any) -> str | None:
     try:
-        import jsonschema
+        import jsonschema  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        ok = (isinstance(obj, dict) and set(obj) == set(SCHEMA["required"])
-              and isinstance(obj["difficulty"], int) and 1 <= obj["difficulty"] <= 5)
+        ok = (
+            isinstance(obj, dict)
+            and set(obj) == set(SCHEMA["required"])
+            and isinstance(obj["difficulty"], int)
+            and 1 <= obj["difficulty"] <= 5
+        )
         return None if ok else "does not match the schema"
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as e:
-        return e.message
+        return str(e.message)
     return None
 
 
 async def structured(client: httpx.AsyncClient, model: str, n: int) -> dict[str, Any]:
-    rf = {"type": "json_schema", "json_schema": {"name": "sample", "schema": SCHEMA, "strict": True}}
+    rf = {
+        "type": "json_schema",
+        "json_schema": {"name": "sample", "schema": SCHEMA, "strict": True},
+    }
     out: list[dict[str, Any]] = []
 
     async def one(i: int) -> None:
-        body = chat_body(model, f"Invent one quiz question about topic {i} and answer it, as JSON.",
-                         256, response_format=rf, temperature=0.7, seed=i)
+        body = chat_body(
+            model,
+            f"Invent one quiz question about topic {i} and answer it, as JSON.",
+            256,
+            response_format=rf,
+            temperature=0.7,
+            seed=i,
+        )
         r = await client.post("/v1/chat/completions", json=body)
         text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
         err: str | None
@@ -87,15 +106,30 @@ async def structured(client: httpx.AsyncClient, model: str, n: int) -> dict[str,
             err = validate(json.loads(text)) if r.status_code == 200 else f"HTTP {r.status_code}"
         except json.JSONDecodeError as e:
             err = f"not JSON: {e}"
-        out.append({"status": r.status_code, "valid": err is None, "error": err, "content": text[:200],
-                    "finish_reason": r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else None})
+        out.append(
+            {
+                "status": r.status_code,
+                "valid": err is None,
+                "error": err,
+                "content": text[:200],
+                "finish_reason": r.json()["choices"][0]["finish_reason"]
+                if r.status_code == 200
+                else None,
+            }
+        )
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    return {"n": n, "valid": sum(o["valid"] for o in out), "examples": out[:3],
-            "invalid": [o for o in out if not o["valid"]]}
+    return {
+        "n": n,
+        "valid": sum(o["valid"] for o in out),
+        "examples": out[:3],
+        "invalid": [o for o in out if not o["valid"]],
+    }
 
 
-async def errors(client: httpx.AsyncClient, base: str, model: str, key: str | None) -> dict[str, Any]:
+async def errors(
+    client: httpx.AsyncClient, base: str, model: str, key: str | None
+) -> dict[str, Any]:
     res: dict[str, Any] = {}
 
     def rec(name: str, r: httpx.Response) -> None:
@@ -105,22 +139,52 @@ async def errors(client: httpx.AsyncClient, base: str, model: str, key: str | No
             body = r.text
         res[name] = {"status": r.status_code, "body": body}
 
-    rec("max_tokens_over_max_model_len",
-        await client.post("/v1/chat/completions", json=chat_body(model, "Hi", 4096)))
-    rec("prompt_too_long",
-        await client.post("/v1/chat/completions", json=chat_body(model, "hello " * 3000, 16)))
-    rec("prompt_plus_max_tokens_over",
-        await client.post("/v1/chat/completions", json=chat_body(model, "hello " * 1500, 1000)))
-    rec("unknown_model",
-        await client.post("/v1/chat/completions", json=chat_body("no-such-model", "Hi", 8)))
-    rec("bad_json_schema", await client.post("/v1/chat/completions", json=chat_body(
-        model, "Hi", 8, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})))
+    rec(
+        "max_tokens_over_max_model_len",
+        await client.post("/v1/chat/completions", json=chat_body(model, "Hi", 4096)),
+    )
+    rec(
+        "prompt_too_long",
+        await client.post("/v1/chat/completions", json=chat_body(model, "hello " * 3000, 16)),
+    )
+    rec(
+        "prompt_plus_max_tokens_over",
+        await client.post("/v1/chat/completions", json=chat_body(model, "hello " * 1500, 1000)),
+    )
+    rec(
+        "unknown_model",
+        await client.post("/v1/chat/completions", json=chat_body("no-such-model", "Hi", 8)),
+    )
+    rec(
+        "bad_json_schema",
+        await client.post(
+            "/v1/chat/completions",
+            json=chat_body(
+                model,
+                "Hi",
+                8,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                },
+            ),
+        ),
+    )
     async with httpx.AsyncClient(base_url=base, timeout=30) as bare:
         rec("health_without_key", await bare.get("/health"))
         rec("models_without_key", await bare.get("/v1/models"))
-        rec("chat_wrong_key", await bare.post("/v1/chat/completions", json=chat_body(model, "Hi", 8),
-                                              headers={"Authorization": "Bearer wrong-key"}))
-        rec("models_wrong_key", await bare.get("/v1/models", headers={"Authorization": "Bearer wrong-key"}))
+        rec(
+            "chat_wrong_key",
+            await bare.post(
+                "/v1/chat/completions",
+                json=chat_body(model, "Hi", 8),
+                headers={"Authorization": "Bearer wrong-key"},
+            ),
+        )
+        rec(
+            "models_wrong_key",
+            await bare.get("/v1/models", headers={"Authorization": "Bearer wrong-key"}),
+        )
     res["api_key_set"] = key is not None
     return res
 
@@ -136,13 +200,23 @@ def memory(pid: int) -> dict[str, Any]:
             pgid = int(stat.rsplit(")", 1)[1].split()[2])
             if pgid != pid:
                 continue
-            roll = {ln.split(":")[0]: int(ln.split()[1]) for ln in (p / "smaps_rollup").read_text().splitlines()[1:]}
+            roll = {
+                ln.split(":")[0]: int(ln.split()[1])
+                for ln in (p / "smaps_rollup").read_text().splitlines()[1:]
+            }
             name = (p / "cmdline").read_bytes().split(b"\0")[0].decode()[-40:]
-            procs[int(p.name)] = {"name": name, "rss_mib": roll["Rss"] // 1024, "pss_mib": roll["Pss"] // 1024}
+            procs[int(p.name)] = {
+                "name": name,
+                "rss_mib": roll["Rss"] // 1024,
+                "pss_mib": roll["Pss"] // 1024,
+            }
         except (OSError, IndexError, ValueError, KeyError):
             continue
-    return {"processes": procs, "rss_mib_total": sum(v["rss_mib"] for v in procs.values()),
-            "pss_mib_total": sum(v["pss_mib"] for v in procs.values())}
+    return {
+        "processes": procs,
+        "rss_mib_total": sum(v["rss_mib"] for v in procs.values()),
+        "pss_mib_total": sum(v["pss_mib"] for v in procs.values()),
+    }
 
 
 async def main_async(a: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +228,10 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         facts["max_model_len"] = models["data"][0].get("max_model_len")
         await one_gen(c, a.model, 8, 0)  # warm-up
         singles = [await throughput(c, a.model, a.tokens, 1) for _ in range(3)]
-        facts["single"] = {"runs": singles, "median_tok_per_s": statistics.median(s["tok_per_s"] for s in singles)}
+        facts["single"] = {
+            "runs": singles,
+            "median_tok_per_s": statistics.median(s["tok_per_s"] for s in singles),
+        }
         facts[f"concurrent_{a.concurrency}"] = await throughput(c, a.model, a.tokens, a.concurrency)
         facts["structured"] = await structured(c, a.model, a.structured)
         facts["errors"] = await errors(c, a.base_url, a.model, a.api_key)
@@ -168,7 +245,9 @@ def main() -> int:
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--api-key")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--pid", type=int, help="server pid (= its process group, as start.sh starts it)")
+    ap.add_argument(
+        "--pid", type=int, help="server pid (= its process group, as start.sh starts it)"
+    )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--structured", type=int, default=8)

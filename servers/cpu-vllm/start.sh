@@ -19,6 +19,8 @@
 #   GRA_VLLM_PIDFILE        default $GRA_VLLM_HOME/run/vllm-<port>.pid
 #   GRA_VLLM_READY_TIMEOUT  seconds to wait for /health (default 300)
 #   GRA_VLLM_FOREGROUND=1   exec the server in the foreground (containers); no waiting
+#   GRA_VLLM_WATCH_PID      if set, a small watchdog stops the server once that process is gone
+#                           (test runners: no server is left behind by a killed pytest)
 #
 # In the background mode it prints "pid=<pid> url=http://host:port/v1 log=<file> ready_s=<s>"
 # once /health answers 200, and exits non-zero (with the log's tail) if the server dies or
@@ -81,6 +83,11 @@ T0=$(date +%s.%N)
 setsid "${CMD[@]}" >"$LOG" 2>&1 </dev/null &
 PID=$!
 echo "$PID" >"$PIDFILE"
+if [[ -n "${GRA_VLLM_WATCH_PID:-}" ]]; then
+  W="$GRA_VLLM_WATCH_PID"
+  setsid bash -c "while kill -0 $W 2>/dev/null && kill -0 $PID 2>/dev/null; do sleep 2; done; kill -- -$PID 2>/dev/null; sleep 20; kill -9 -- -$PID 2>/dev/null; rm -f '$PIDFILE'" \
+    >/dev/null 2>&1 </dev/null &
+fi
 
 health() {
   if command -v curl >/dev/null 2>&1; then

@@ -1,0 +1,280 @@
+"""The GRA pipeline end to end through `python -m gra_async run`, against the fake server with
+scripted reviewer and adjudicator replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gra_async.cli import main
+from gra_async.defaults import CRITERIA
+
+from .conftest import FakeServer
+
+GEN, REV_B, REV_C, ADJ = "gen-a", "rev-b", "rev-c", "adj-d"
+
+
+def review(score: int, feedback: str = "fine") -> str:
+    return json.dumps({"scores": dict.fromkeys(CRITERIA, score), "feedback": feedback})
+
+
+def verdict(decision: str) -> str:
+    return json.dumps({"decision": decision, "reason": f"the adjudicator says {decision}"})
+
+
+def sample(instruction: str, response: str) -> str:
+    return json.dumps({"instruction": instruction, "response": response})
+
+
+def fixed_args(server: FakeServer, run_dir: Path, *extra: str) -> list[str]:
+    url = server.base_url
+    return [
+        "run", "--run-dir", str(run_dir),
+        "--endpoint", f"generator={GEN}@{url}",
+        "--endpoint", f"reviewer={REV_B}@{url}",
+        "--endpoint", f"reviewer={REV_C}@{url}",
+        "--endpoint", f"adjudicator={ADJ}@{url}",
+        *extra,
+    ]
+
+
+def run_ok(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out + captured.err
+
+
+def exported(run_dir: Path, *flags: str) -> list[dict[str, Any]]:
+    assert main(["export", "--run-dir", str(run_dir), *flags]) == 0
+    return [orjson.loads(line) for line in (run_dir / "samples.jsonl").read_bytes().splitlines()]
+
+
+def status(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+class TestGate:
+    def test_agreeing_high_scores_accept(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": review(9)},
+                                   {"model": REV_C, "content": review(8)}])
+        run_ok(fixed_args(fake_server, tmp_path, "--target", "4"), capsys)
+        rows = exported(tmp_path)
+        assert len(rows) == 4
+        for row in rows:
+            assert row["decision"] == "accept" and row["adjudication"] is None
+            assert row["generator"] == GEN
+            assert [r["model"] for r in row["reviews"]] == [REV_B, REV_C]
+            assert row["mean"] == pytest.approx(8.5) and row["std"] == pytest.approx(0.5)
+            assert row["reviews"][0]["scores"] == dict.fromkeys(CRITERIA, 9)
+            assert row["tokens"] > 0 and row["instruction"] and row["response"]
+        assert fake_server.stats()["models"].get(ADJ, 0) == 0
+        got = status(tmp_path, capsys)
+        assert got["accepted"] == 4 and got["in_progress"] == 0
+        # Tasks cut off at the target keep their journaled calls for a later, larger run.
+        assert 4 * 3 <= got["calls"] <= fake_server.stats()["chat_requests"]
+
+    def test_agreeing_low_scores_reject(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": review(2)},
+                                   {"model": REV_C, "content": review(3)}])
+        (tmp_path / "gra.toml").write_text("[run]\nmax_tasks = 6\n")
+        out = run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "2",
+                                "--config", str(tmp_path / "gra.toml")), capsys)
+        assert "plan exhausted: 0 of 2" in out
+        rows = exported(tmp_path / "run", "--all")
+        assert len(rows) == 6 and {r["decision"] for r in rows} == {"reject"}
+
+    @pytest.mark.parametrize("outcome", ["accept", "reject"])
+    def test_disagreement_goes_to_adjudicator(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        outcome: str,
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": review(9)},
+                                   {"model": REV_C, "content": review(2)},
+                                   {"model": ADJ, "content": verdict(outcome)}])
+        (tmp_path / "gra.toml").write_text("[run]\nmax_tasks = 3\n")
+        run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "3",
+                          "--config", str(tmp_path / "gra.toml")), capsys)
+        rows = exported(tmp_path / "run", "--all")
+        assert len(rows) == 3
+        for row in rows:
+            assert row["std"] == pytest.approx(3.5)  # far above the 1.5 threshold
+            assert row["adjudication"] == {"model": ADJ, "decision": outcome,
+                                           "reason": f"the adjudicator says {outcome}"}
+            assert row["decision"] == outcome
+        assert fake_server.stats()["models"][ADJ] == 3
+
+    def test_invalid_review_is_retried_then_recorded_failed(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": "I liked it a lot!"},
+                                   {"model": REV_C, "content": review(9)}])
+        run_ok(fixed_args(fake_server, tmp_path, "--target", "2", "--concurrency", "1"), capsys)
+        rows = exported(tmp_path)
+        assert len(rows) == 2
+        for row in rows:
+            assert [r["model"] for r in row["reviews"]] == [REV_C]  # never a silent zero
+            (failed,) = row["failed_reviews"]
+            assert failed["model"] == REV_B and "invalid reply after 3 tries" in failed["error"]
+        assert fake_server.stats()["models"][REV_B] == 2 * 3  # first try + 2 re-asks each
+
+    def test_no_valid_review_fails_the_task_with_reason(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": "{}"},
+                                   {"model": REV_C, "content": '{"scores": {}}'}])
+        (tmp_path / "gra.toml").write_text("[run]\nmax_tasks = 2\n")
+        run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "1",
+                          "--config", str(tmp_path / "gra.toml")), capsys)
+        got = status(tmp_path / "run", capsys)
+        assert got["failed"] == 2 and got["accepted"] == 0
+        assert any(reason.startswith("no valid review") for reason in got["failures"])
+
+
+class TestRolesAndAblations:
+    def test_rotate_never_reviews_own_sample(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = fake_server.base_url
+        args = ["run", "--run-dir", str(tmp_path), "--roles", "rotate", "--target", "12",
+                *[f"--endpoint=reviewer={m}@{url}" for m in (GEN, REV_B, REV_C)]]
+        fake_server.control(rules=[{"contains": "Score the sample", "content": review(9)}])
+        run_ok(args, capsys)
+        rows = exported(tmp_path)
+        assert len(rows) == 12
+        assert {r["generator"] for r in rows} == {GEN, REV_B, REV_C}  # every model generates
+        for row in rows:
+            reviewers = {r["model"] for r in row["reviews"]}
+            assert row["generator"] not in reviewers and len(reviewers) == 2
+
+    @pytest.mark.parametrize(("flag", "panel"), [("0", 0), ("1", 1)])
+    def test_reviewers_ablation(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        flag: str, panel: int,
+    ) -> None:
+        fake_server.control(rules=[{"contains": "Score the sample", "content": review(9)}])
+        run_ok(fixed_args(fake_server, tmp_path, "--target", "4", "--reviewers", flag, "--concurrency", "1"), capsys)
+        rows = exported(tmp_path)
+        assert len(rows) == 4 and all(len(r["reviews"]) == panel for r in rows)
+        models = fake_server.stats()["models"]
+        assert models.get(REV_B, 0) + models.get(REV_C, 0) == 4 * panel
+
+    def test_no_adjudicator_lets_the_mean_decide(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fake_server.control(rules=[{"model": REV_B, "content": review(10)},
+                                   {"model": REV_C, "content": review(5)}])
+        run_ok(fixed_args(fake_server, tmp_path, "--target", "3", "--no-adjudicator"), capsys)
+        rows = exported(tmp_path)
+        assert len(rows) == 3 and all(r["adjudication"] is None for r in rows)
+        assert all(r["mean"] == pytest.approx(7.5) for r in rows)  # >= 7.0 accepts
+        assert fake_server.stats()["models"].get(ADJ, 0) == 0
+
+    def test_rounds_grow_the_seed_pool(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        seeds = tmp_path / "seeds.jsonl"
+        seeds.write_text(
+            '{"instruction": "Add 2 and 2.", "response": "4", "domain": "math"}\n'
+            '{"instruction": "Multiply 3 by 5.", "response": "15", "domain": "math"}\n'
+        )
+        fake_server.control(rules=[{"contains": "Score the sample", "content": review(9)}])
+        run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "8", "--rounds", "2",
+                          "--seeds", str(seeds)), capsys)
+        rows = exported(tmp_path / "run")
+        assert len(rows) == 8
+        first = [r for r in rows if r["round"] == 1]
+        second = [r for r in rows if r["round"] == 2]
+        assert len(first) == 4 and len(second) == 4
+        assert all(not any(s.startswith("r1-") for s in r["seed_ids"]) for r in first)
+        # Round 2 draws 3 few-shot examples from 2 seeds + 4 accepted: at least one is new.
+        assert all(any(s.startswith("r1-") for s in r["seed_ids"]) for r in second)
+
+
+class TestDedup:
+    def test_exact_and_near_duplicates_and_seed_copies(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        text = ("Explain how a binary search finds an item in a sorted list of numbers, "
+                "and say why it needs the list to be sorted before it starts.")
+        answer = ("It compares the middle item with the target and discards the half that "
+                  "cannot hold it, repeating until the item is found or nothing is left. "
+                  "Each step halves the part of the list still in play, so a list of a "
+                  "million numbers needs about twenty comparisons at most. If the list were "
+                  "not sorted, the comparison with the middle item would say nothing about "
+                  "which half holds the target, and the search could discard the very half "
+                  "that contains it.")
+        seeds = tmp_path / "seeds.jsonl"
+        seed_text = "Name the capital of France and say one thing it is known for."
+        seed_answer = "Paris, known for the Eiffel Tower and its museums."
+        seeds.write_text(json.dumps({"instruction": seed_text, "response": seed_answer,
+                                     "domain": "facts"}) + "\n")
+        fake_server.control(rules=[
+            {"contains": "Score the sample", "content": review(9)},
+            {"model": GEN, "content": sample(text, answer), "times": 1},
+            {"model": GEN, "content": sample(text, answer), "times": 1},  # exact copy
+            {"model": GEN, "content": sample(text.replace("numbers", "integers"), answer),
+             "times": 1},  # near copy
+            {"model": GEN, "content": sample(seed_text, seed_answer), "times": 1},  # seed copy
+        ])
+        run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "3", "--seeds", str(seeds),
+                          "--concurrency", "1"), capsys)
+        rows = exported(tmp_path / "run", "--all")
+        by_id = {r["id"]: r for r in rows}
+        first_four = [by_id[f"r1-{i:07d}"] for i in range(4)]
+        assert [r["decision"] for r in first_four] == ["accept", "duplicate", "duplicate", "duplicate"]
+        assert first_four[1]["duplicate_of"] == first_four[0]["id"]
+        assert first_four[2]["duplicate_of"] == first_four[0]["id"]
+        assert first_four[3]["duplicate_of"].startswith("seed:")
+        assert sum(r["decision"] == "accept" for r in rows) == 3
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("content", "needle"),
+        [
+            ('{"instruction": "a", "response": "b"}\n{"instruction": "c", "resp\n', ":2:"),
+            ('{"instruction": "a", "response": "b"}\n[1, 2]\n', ":2:"),
+            ('{"question_text": "a", "reply": "b"}\n', ":1:"),
+            ("", "empty"),
+        ],
+        ids=["bad-json", "not-object", "no-fields", "empty"],
+    )
+    def test_malformed_seeds_exit_2_with_file_line(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        content: str, needle: str,
+    ) -> None:
+        seeds = tmp_path / "seeds.jsonl"
+        seeds.write_text(content)
+        code = main(fixed_args(fake_server, tmp_path / "run", "--seeds", str(seeds)))
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert str(seeds) in err and needle in err
+
+    def test_unreachable_endpoint_exits_2_naming_it(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code = main(["run", "--run-dir", str(tmp_path), "--endpoint",
+                     "generator=m@http://127.0.0.1:9/v1"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert "m@http://127.0.0.1:9/v1" in err
+
+    def test_model_not_served_exits_2(
+        self, fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code = main(["run", "--run-dir", str(tmp_path), "--endpoint",
+                     f"generator=nope@{fake_server.base_url}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "'nope' is not served there" in err
