@@ -82,7 +82,7 @@ async def run_gra(url: str, n: int, c: int) -> None:
 async def run_openai(url: str, n: int, c: int) -> None:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0)
+    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=300)
     semaphore = asyncio.Semaphore(c)
 
     async def one() -> None:

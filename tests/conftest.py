@@ -11,7 +11,7 @@ from gra_async.testing.fake_server import FakeServerProcess
 
 # The fake OpenAI-compatible server ----------------------------------------------------------
 
-FakeServer = FakeServerProcess  # base_url, control(**knobs), stats(bodies=False), reset_stats(), close()
+FakeServer = FakeServerProcess  # base_url, control(**knobs), stats(bodies=False), restore(), close()
 
 FAKE_MODELS: tuple[str, ...] = ("gen-a", "rev-b", "rev-c", "adj-d")
 

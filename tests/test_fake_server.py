@@ -112,12 +112,18 @@ class TestEndpoints:
         assert usage["completion_tokens"] > 0
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
-    def test_same_request_same_reply_different_request_different_reply(
+    def test_replies_vary_like_sampling_except_at_temperature_zero(
         self, client: httpx.Client
     ) -> None:
-        first = chat(client, "one").json()["choices"][0]["message"]["content"]
-        assert chat(client, "one").json()["choices"][0]["message"]["content"] == first
-        assert chat(client, "two").json()["choices"][0]["message"]["content"] != first
+        def reply(content: str, **extra: Any) -> str:
+            text: str = chat(client, content, **extra).json()["choices"][0]["message"]["content"]
+            return text
+
+        greedy = reply("one", temperature=0)
+        assert reply("one", temperature=0) == greedy
+        assert reply("two", temperature=0) != greedy
+        sampled = {reply("same prompt", temperature=0.8) for _ in range(3)}
+        assert len(sampled) == 3  # a pipeline's dedup must not see copies of one prompt
 
     def test_unknown_model_is_openai_404(self, client: httpx.Client) -> None:
         response = chat(client, model="nope")
@@ -166,6 +172,18 @@ class TestHttp:
         data = raw_exchange(server, slow + fast)
         assert data.count(b"HTTP/1.1 200") == 2
         assert data.index(b'"model":"rev-b"') < data.index(b'{"status":"ok"}')
+
+    def test_expect_100_continue(self, server: FakeServer) -> None:
+        body = orjson.dumps({"model": "gen-a", "messages": [{"role": "user", "content": "hi"}]})
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        with socket.create_connection((server.host, server.port), timeout=2) as sock:
+            sock.sendall(head)
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(body)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
 
     def test_chunked_request_body(self, client: httpx.Client) -> None:
         payload = orjson.dumps({"model": "gen-a", "messages": [{"role": "user", "content": "hi"}]})
@@ -326,9 +344,9 @@ class TestFaults:
     def test_truncate_rate_halves_the_content(
         self, server: FakeServer, client: httpx.Client
     ) -> None:
-        full = chat(client).json()["choices"][0]["message"]["content"]
+        full = chat(client, temperature=0).json()["choices"][0]["message"]["content"]
         server.control(truncate_rate=1.0)
-        cut = chat(client).json()["choices"][0]
+        cut = chat(client, temperature=0).json()["choices"][0]
         assert cut["finish_reason"] == "length"
         assert cut["message"]["content"] == full[: len(full) // 2]
 
@@ -445,9 +463,16 @@ class Review(BaseModel):
     note: str | None
 
 
+class Tree(BaseModel):
+    name: str
+    children: list[Tree]
+
+
 class TestStructuredOutput:
     def ask(self, client: httpx.Client, content: str, response_format: dict[str, Any]) -> str:
-        response = chat(client, content, model="rev-c", response_format=response_format)
+        response = chat(
+            client, content, model="rev-c", response_format=response_format, temperature=0
+        )
         assert response.status_code == 200, response.text
         text: str = response.json()["choices"][0]["message"]["content"]
         return text
@@ -464,6 +489,10 @@ class TestStructuredOutput:
             review = Review.model_validate_json(self.ask(client, f"sample {i}", fmt))
             scores.add((review.scores.correctness, review.scores.clarity))
         assert len(scores) >= 6  # distinct samples get distinct scores
+
+    def test_recursive_schema_stays_finite_and_valid(self, client: httpx.Client) -> None:
+        fmt = {"type": "json_schema", "json_schema": {"schema": Tree.model_json_schema()}}
+        Tree.model_validate_json(self.ask(client, "tree", fmt))
 
     def test_scores_are_reproducible(self, client: httpx.Client) -> None:
         fmt = {"type": "json_schema", "json_schema": {"schema": Review.model_json_schema()}}

@@ -53,9 +53,11 @@ Knobs (same names as flags at start: `--error-rate 0.1`; or all at once: `--knob
 
 Default replies: with a schema (`{"type": "json_schema", "json_schema": {"schema": ...}}` or
 `{"type": "json_object", "schema": ...}`) a JSON value valid against it (every property, enums,
-min/max, lengths, $ref; `pattern` is ignored), its numbers drawn from a hash of the model and the
-messages so distinct requests get distinct, reproducible scores; without one a short plain text
-about the last user message. A reply longer than `max_tokens` (4 chars a token) is cut there with
+min/max, lengths, $ref; `pattern` is ignored), its numbers and words drawn from a hash of the
+model and the messages, so distinct requests get distinct, reproducible scores; without one a
+short plain text about the last user message. The n-th identical request gets the n-th variant
+(counted in `calls`, so `reset_stats` restarts it) unless it asks for temperature 0, which always
+gets the same reply, as from a real model. A reply longer than `max_tokens` (4 chars a token) is cut there with
 finish_reason "length", as a real server does. `stream: true` is refused with 400.
 
 `/_stats`: `requests` (to /v1), `chat_requests`, `status` {"200": n, ...}, `models` {name: n},
@@ -471,9 +473,12 @@ class _SchemaFiller:
         return out
 
     def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
-        low = int(schema.get("minItems", 1))
-        high = int(schema.get("maxItems", max(low, 3)))
-        size = self.rng.randint(low, max(low, high)) if high >= low else low
+        if depth > self.MAX_DEPTH // 2:  # recursive schemas: stop growing, stay valid
+            size = int(schema.get("minItems", 0))
+        else:
+            low = int(schema.get("minItems", 1))
+            high = int(schema.get("maxItems", max(low, 3)))
+            size = self.rng.randint(low, max(low, high))
         prefix = schema.get("prefixItems")
         prefix = prefix if isinstance(prefix, list) else []
         items = schema.get("items", {})
@@ -624,6 +629,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.auth: bytes | None = None
         self.body: list[bytes] = []
+        self.expect_continue = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -656,6 +662,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.auth = None
         self.body = []
+        self.expect_continue = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -663,6 +670,12 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 13 and name.lower() == b"authorization":
             self.auth = value
+        elif len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True  # curl sends it for bodies over 1 KiB, then waits 1 s
+
+    def on_headers_complete(self) -> None:
+        if self.expect_continue and self.transport is not None and not self.closed:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -1040,7 +1053,8 @@ class FakeOpenAIServer:
         stats.models[model] += 1
         stats.bodies.append(request)
         digest = hashlib.sha256(_canonical(model, messages)).digest()
-        stats.calls[digest.hex()] += 1
+        key = digest.hex()
+        stats.calls[key] += 1
         if model not in knobs.models:
             return self._v1(404, _error_body(404, f"The model `{model}` does not exist."))
         schema, format_problem = _response_schema(request.get("response_format"), knobs)
@@ -1048,6 +1062,10 @@ class FakeOpenAIServer:
             status = knobs.unsupported_format_status
             return self._v1(status, _error_body(status, format_problem))
 
+        # The same prompt sampled again (temperature > 0, or unset: OpenAI's default is 1) gets
+        # a new reply, as from a real model; otherwise a pipeline's dedup would see copies.
+        variant = 0 if request.get("temperature") == 0 else stats.calls[key] - 1
+        reply_seed = int.from_bytes(digest[:8], "big") + variant
         text = "\n".join(_content_text(m.get("content")) for m in messages)
         prompt_tokens = max(1, math.ceil(len(text) / 4))
         step: Step | None = self._script.popleft() if self._script else None
@@ -1066,8 +1084,8 @@ class FakeOpenAIServer:
                 step, _error_body(step, f"scripted {step} (fake server knob `status_script`)"),
                 delay=self._delay(),
             )
-        return self._complete(request, model, messages, text, prompt_tokens, digest, schema, step,
-                              headers)
+        return self._complete(request, model, messages, text, prompt_tokens, reply_seed, schema,
+                              step, headers)
 
     def _draw(self) -> Step:
         """One RNG draw per request places the faults (see `seed`)."""
@@ -1093,7 +1111,7 @@ class FakeOpenAIServer:
 
     def _complete(
         self, request: dict[str, Any], model: str, messages: list[Any], text: str,
-        prompt_tokens: int, digest: bytes, schema: Any, step: Step, headers: bytes,
+        prompt_tokens: int, reply_seed: int, schema: Any, step: Step, headers: bytes,
     ) -> _Reply:
         stats, knobs = self.stats, self.knobs
         if step == "reset" or step == "hang":
@@ -1103,7 +1121,7 @@ class FakeOpenAIServer:
             body = _error_body(step, f"injected {step} (fake server knob `error_rate`)")
             return self._v1(step, body, headers, self._delay())
 
-        content = self._content(model, messages, text, digest, schema)
+        content = self._content(model, messages, text, reply_seed, schema)
         finish = "stop"
         limit = request.get("max_tokens") or request.get("max_completion_tokens")
         if isinstance(limit, int) and limit > 0 and len(content) > 4 * limit:
@@ -1141,7 +1159,7 @@ class FakeOpenAIServer:
         return reply
 
     def _content(
-        self, model: str, messages: list[Any], text: str, digest: bytes, schema: Any
+        self, model: str, messages: list[Any], text: str, reply_seed: int, schema: Any
     ) -> str:
         for i, rule in enumerate(self.knobs.rules):
             if rule.model is not None and rule.model != model:
@@ -1155,7 +1173,7 @@ class FakeOpenAIServer:
                 self._rule_left[i] = left - 1
             self.stats.rule_hits[i] += 1
             return rule.content
-        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        rng = random.Random(reply_seed)
         topic = _topic(messages)
         if schema is not None:
             filler = _SchemaFiller(schema if isinstance(schema, Mapping) else {}, rng, topic)
