@@ -136,7 +136,7 @@ class RunSettings(_Strict):
     roles: Literal["fixed", "rotate"] = "fixed"
     reviewers: int | None = Field(None, ge=0)  # panel size; None: every reviewer model
     concurrency: int = Field(defaults.RUN_CONCURRENCY, ge=1)
-    max_in_flight: int | None = Field(None, ge=1)  # tasks; None: derived from concurrency
+    max_in_flight: int | None = Field(None, ge=1)  # tasks; None: min(concurrency, endpoint capacity)
     max_tasks: int | None = Field(None, ge=1)  # plan size per round; None: 10x the round's target
     grace: float = Field(defaults.GRACE_SECONDS, ge=0)
 

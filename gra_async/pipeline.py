@@ -165,7 +165,10 @@ class Pipeline:
         ]
 
     async def _run_round(self, rnd: int) -> None:
-        limit = self.config.run.max_in_flight or self.config.run.concurrency
+        # Tasks in flight: by default as many as the endpoints serve at once, so a task's
+        # reviews never queue behind hundreds of newer tasks' generation calls.
+        limit = self.config.run.max_in_flight or min(self.config.run.concurrency,
+                                                     self.team.capacity())
         admit = asyncio.Semaphore(limit)
         try:
             await self._admit(rnd, admit)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -123,12 +124,13 @@ class SampleRecord:
 
 def _disk_error(run_dir: Path, exc: BaseException) -> RunDirError:
     text = str(exc)
-    if "full" in text or getattr(exc, "errno", None) == 28:
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "full" in text:
         hint = "the disk is full; free space and run the same command again to resume"
-    elif "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text:
         hint = "the run directory is not writable; fix its permissions or pass another --run-dir"
     else:
-        hint = f"{text}; run the same command again to resume"
+        hint = f"{exc.strerror if isinstance(exc, OSError) else text}; run the same command again to resume"
     return RunDirError(f"{run_dir}: cannot write the journal ({hint})")
 
 

@@ -56,6 +56,11 @@ class Team:
         adjudicator = rng.choice(adjudicators) if adjudicators else None
         return Assignment(generator, tuple(reviewers), adjudicator)
 
+    def capacity(self) -> int:
+        """Calls all endpoints together take at once: more tasks in flight would only queue."""
+        endpoints = {id(e): e for p in self.pools.values() for e in p.endpoints}
+        return sum(e.config.max_concurrency for e in endpoints.values())
+
     def stats_pools(self) -> list[EndpointPool]:
         """Each distinct pool once (rotate shares one)."""
         return list({id(p): p for p in self.pools.values()}.values())

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-SCHEMA: dict[str, Any] = {
+UNBOUNDED: dict[str, Any] = {
     "type": "object",
     "properties": {
         "instruction": {"type": "string", "minLength": 1},
@@ -32,6 +32,10 @@ SCHEMA: dict[str, Any] = {
     "required": ["instruction", "answer", "difficulty"],
     "additionalProperties": False,
 }
+# The same with bounded strings: the grammar then has to close them within max_tokens.
+BOUNDED: dict[str, Any] = json.loads(json.dumps(UNBOUNDED))
+BOUNDED["properties"]["instruction"]["maxLength"] = 120
+BOUNDED["properties"]["answer"]["maxLength"] = 200
 
 
 def chat_body(model: str, content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -65,28 +69,30 @@ async def throughput(
     }
 
 
-def validate(obj: Any) -> str | None:
+def validate(obj: Any, schema: dict[str, Any]) -> str | None:
     try:
         import jsonschema  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         ok = (
             isinstance(obj, dict)
-            and set(obj) == set(SCHEMA["required"])
+            and set(obj) == set(schema["required"])
             and isinstance(obj["difficulty"], int)
             and 1 <= obj["difficulty"] <= 5
         )
         return None if ok else "does not match the schema"
     try:
-        jsonschema.validate(obj, SCHEMA)
+        jsonschema.validate(obj, schema)
     except jsonschema.ValidationError as e:
         return str(e.message)
     return None
 
 
-async def structured(client: httpx.AsyncClient, model: str, n: int) -> dict[str, Any]:
+async def structured(
+    client: httpx.AsyncClient, model: str, n: int, schema: dict[str, Any]
+) -> dict[str, Any]:
     rf = {
         "type": "json_schema",
-        "json_schema": {"name": "sample", "schema": SCHEMA, "strict": True},
+        "json_schema": {"name": "sample", "schema": schema, "strict": True},
     }
     out: list[dict[str, Any]] = []
 
@@ -103,7 +109,11 @@ async def structured(client: httpx.AsyncClient, model: str, n: int) -> dict[str,
         text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
         err: str | None
         try:
-            err = validate(json.loads(text)) if r.status_code == 200 else f"HTTP {r.status_code}"
+            err = (
+                validate(json.loads(text), schema)
+                if r.status_code == 200
+                else f"HTTP {r.status_code}"
+            )
         except json.JSONDecodeError as e:
             err = f"not JSON: {e}"
         out.append(
@@ -233,7 +243,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "median_tok_per_s": statistics.median(s["tok_per_s"] for s in singles),
         }
         facts[f"concurrent_{a.concurrency}"] = await throughput(c, a.model, a.tokens, a.concurrency)
-        facts["structured"] = await structured(c, a.model, a.structured)
+        facts["structured_unbounded"] = await structured(c, a.model, a.structured, UNBOUNDED)
+        facts["structured_bounded"] = await structured(c, a.model, a.structured, BOUNDED)
         facts["errors"] = await errors(c, a.base_url, a.model, a.api_key)
     if a.pid:
         facts["memory"] = memory(a.pid)
@@ -250,7 +261,7 @@ def main() -> int:
     )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--structured", type=int, default=8)
+    ap.add_argument("--structured", type=int, default=16)
     a = ap.parse_args()
     print(json.dumps(asyncio.run(main_async(a)), indent=1))
     return 0

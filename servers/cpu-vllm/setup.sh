@@ -44,6 +44,11 @@ case "$CONVERT_MODE" in
 esac
 
 mkdir -p "$MARKERS" "$HOME_DIR/models"
+# One setup at a time per cache (several engineers/CI jobs/containers may share it).
+exec 9>"$HOME_DIR/.setup.lock"
+if command -v flock >/dev/null 2>&1; then
+  flock -w 1800 9 || { echo "setup.sh: $HOME_DIR/.setup.lock is held by another setup for 30 min" >&2; exit 1; }
+fi
 # Keep our pins next to (not instead of) any constraint file the machine's pip config sets.
 PINS="$HOME_DIR/pins.txt"
 printf 'torch==%s\n' "$TORCH_VERSION" >"$PINS"
@@ -89,7 +94,7 @@ do_venv() {
 
 do_torch() {
   pip_in "$VENV" install -q "${PIP_FLAGS[@]}" "torch==$TORCH_VERSION"
-  "$VENV/bin/python" - <<EOF
+  "$VENV/bin/python" -W ignore - <<EOF
 import torch
 assert torch.__version__.startswith("$TORCH_VERSION"), torch.__version__
 assert not torch.cuda.is_available()
