@@ -132,10 +132,10 @@ def _criteria_line(criteria: Sequence[str]) -> str:
 
 
 def _score_format(criteria: Sequence[str]) -> str:
-    # Zeros, not sample numbers: a model that copies the shape sends an invalid reply
-    # (scores are 1-10) instead of a score it never gave.
-    scores = ", ".join(f'"{name}": 0' for name in criteria)
-    return f'{{"scores": {{{scores}}}, "feedback": "..."}}'
+    # Placeholders, not sample numbers: there is no score a small model could copy
+    # instead of giving its own (structured output still forces real integers).
+    scores = ", ".join(f'"{name}": <1-10>' for name in criteria)
+    return f'{{"scores": {{{scores}}}, "feedback": "<one or two sentences>"}}'
 
 
 def _examples_block(examples: Sequence[Seed]) -> str:

@@ -211,7 +211,14 @@ def generation_schema() -> dict[str, Any]:
 
 def review_schema(criteria: Sequence[str]) -> dict[str, Any]:
     """JSON Schema of a review: scores first, so a reply cut short by max_tokens fails loudly."""
-    score = {"type": "integer", "minimum": defaults.SCORE_MIN, "maximum": defaults.SCORE_MAX}
+    # The enum repeats the bounds because some grammar engines (llama.cpp) drop
+    # minimum/maximum, and a 135M model then copies a 0 from anywhere in its prompt.
+    score = {
+        "type": "integer",
+        "minimum": defaults.SCORE_MIN,
+        "maximum": defaults.SCORE_MAX,
+        "enum": list(range(defaults.SCORE_MIN, defaults.SCORE_MAX + 1)),
+    }
     return {
         "type": "object",
         "properties": {

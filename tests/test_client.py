@@ -142,7 +142,7 @@ class TestRetries:
         server.control(hang_rate=1.0)
         ep = endpoint(server, transport, read_timeout=0.2, connect_timeout=1)
         policy = RetryPolicy(max_retries=1, backoff_base=0.001, backoff_max=0.001)
-        with pytest.raises(RetriesExhausted, match="no complete reply within 0.2s"):
+        with pytest.raises(RetriesExhausted, match=r"no complete reply within 0\.2s"):
             await EndpointPool([ep], policy=policy).chat(REQUEST)
 
     async def test_one_backoff_does_not_pause_others(
@@ -303,5 +303,5 @@ class TestStatsAndProbe:
 
     async def test_probe_unreachable(self, transport: AiohttpTransport) -> None:
         ep = Endpoint(EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"), transport)
-        with pytest.raises(UnreachableError, match="127.0.0.1:9"):
+        with pytest.raises(UnreachableError, match=r"127\.0\.0\.1:9"):
             await probe(ep, transport)

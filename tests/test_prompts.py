@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -49,9 +48,10 @@ class TestBundledPrompts:
 
     def test_reviewer_shows_every_criterion_in_a_json_shape(self, prompts: PromptSet) -> None:
         user = prompts.reviewer("What is 2+2?", "4", CRITERIA)[1]["content"]
-        shape = json.loads(user[user.rindex('{"scores"'):].strip())
-        assert list(shape["scores"]) == list(CRITERIA)
-        assert set(shape["scores"].values()) == {0}  # copying the shape is invalid, not a score
+        shape = user[user.rindex('{"scores"'):].strip()
+        for name in CRITERIA:
+            assert f'"{name}": <1-10>' in shape  # a placeholder, no number a model could copy
+        assert shape.endswith('"feedback": "<one or two sentences>"}')
         assert ", ".join(CRITERIA) in user
 
     def test_adjudicator_sees_labels_scores_and_feedback(self, prompts: PromptSet) -> None:

@@ -201,7 +201,7 @@ class TestSchemas:
         schema = review_schema(CRITERIA)
         scores = schema["properties"]["scores"]
         assert scores["required"] == list(CRITERIA) and scores["additionalProperties"] is False
-        assert all(p == {"type": "integer", "minimum": 1, "maximum": 10}
+        assert all(p == {"type": "integer", "minimum": 1, "maximum": 10, "enum": list(range(1, 11))}
                    for p in scores["properties"].values())
         assert schema["required"] == ["scores", "feedback"] and schema["additionalProperties"] is False
 

@@ -73,7 +73,8 @@ class Sample(BaseModel):
 
 
 # Bounded strings: the grammar must close them, so a reply fits in max_tokens (an unbounded
-# string lets the 135M model ramble into finish_reason "length" and cut-off JSON).
+# string lets the 135M model ramble into finish_reason "length" and cut-off JSON: measured
+# 24-26/32 valid at max_tokens=512 unbounded vs 32/32 bounded).
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -163,6 +164,9 @@ def test_v1_needs_the_key(vllm_server: Any, headers: dict[str, str]) -> None:
 
 
 def test_json_schema_output_is_schema_valid(vllm_client: httpx.Client) -> None:
+    """With bounded strings, compact JSON (start.sh's default structured-outputs config) and
+    max_tokens above the worst case (~320 chars of single-digit tokens + keys), every reply ends
+    with "stop" and validates; measured 32/32 (vs 31/32 with vLLM's default whitespace)."""
     rf = {
         "type": "json_schema",
         "json_schema": {"name": "sample", "schema": SCHEMA, "strict": True},
@@ -172,7 +176,7 @@ def test_json_schema_output_is_schema_valid(vllm_client: httpx.Client) -> None:
         body = chat(
             ROLE_ALIASES[i % 3],
             f"Invent one quiz question about topic {i} and answer it, as JSON.",
-            256,
+            512,
             response_format=rf,
             temperature=0.7,
             seed=i,
@@ -186,6 +190,7 @@ def test_json_schema_output_is_schema_valid(vllm_client: httpx.Client) -> None:
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "stop", choice
         content = choice["message"]["content"]
+        assert "\n" not in content, "expected compact JSON (disable_any_whitespace)"
         Sample.model_validate_json(content)
         try:
             import jsonschema  # type: ignore[import-untyped,unused-ignore]
@@ -213,7 +218,9 @@ def test_invalid_json_schema_is_400(vllm_client: httpx.Client) -> None:
     assert r.status_code == 400
     err = error_of(r)
     assert err["type"] == "BadRequestError"
-    assert "Grammar error" in err["message"]
+    # backend "auto": "Grammar error: Invalid type: nonsense"; backend "xgrammar" (start.sh):
+    # "Failed to transform json schema into a grammar: ... Unsupported type \"nonsense\""
+    assert "nonsense" in err["message"]
 
 
 # --- error replies --------------------------------------------------------------------------

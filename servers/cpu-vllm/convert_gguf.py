@@ -124,6 +124,8 @@ def convert(gguf: Path, out: Path, dtype_name: str = "bfloat16") -> dict[str, ob
         "seconds": round(time.monotonic() - t0, 1),
     }
     (out / "gra_conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    for f in out.iterdir():  # safetensors are written 0600: let a container's non-root user read
+        f.chmod(0o644)
     return info
 
 

@@ -88,7 +88,7 @@ def validate(obj: Any, schema: dict[str, Any]) -> str | None:
 
 
 async def structured(
-    client: httpx.AsyncClient, model: str, n: int, schema: dict[str, Any]
+    client: httpx.AsyncClient, model: str, n: int, schema: dict[str, Any], max_tokens: int = 256
 ) -> dict[str, Any]:
     rf = {
         "type": "json_schema",
@@ -100,7 +100,7 @@ async def structured(
         body = chat_body(
             model,
             f"Invent one quiz question about topic {i} and answer it, as JSON.",
-            256,
+            max_tokens,
             response_format=rf,
             temperature=0.7,
             seed=i,
@@ -243,8 +243,12 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "median_tok_per_s": statistics.median(s["tok_per_s"] for s in singles),
         }
         facts[f"concurrent_{a.concurrency}"] = await throughput(c, a.model, a.tokens, a.concurrency)
-        facts["structured_unbounded"] = await structured(c, a.model, a.structured, UNBOUNDED)
-        facts["structured_bounded"] = await structured(c, a.model, a.structured, BOUNDED)
+        facts["structured_unbounded"] = await structured(
+            c, a.model, a.structured, UNBOUNDED, a.structured_max_tokens
+        )
+        facts["structured_bounded"] = await structured(
+            c, a.model, a.structured, BOUNDED, a.structured_max_tokens
+        )
         facts["errors"] = await errors(c, a.base_url, a.model, a.api_key)
     if a.pid:
         facts["memory"] = memory(a.pid)
@@ -262,6 +266,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--structured", type=int, default=16)
+    ap.add_argument("--structured-max-tokens", type=int, default=256)
     a = ap.parse_args()
     print(json.dumps(asyncio.run(main_async(a)), indent=1))
     return 0

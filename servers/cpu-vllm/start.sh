@@ -15,6 +15,11 @@
 #   GRA_VLLM_PYTHON_BIN     python of the vLLM venv (default $GRA_VLLM_HOME/venv/bin/python)
 #   GRA_VLLM_MAX_MODEL_LEN  default 2048
 #   GRA_VLLM_KVCACHE_GB     VLLM_CPU_KVCACHE_SPACE, default 2
+#   GRA_VLLM_STRUCTURED_OUTPUTS_CONFIG
+#                           --structured-outputs-config; default compact JSON
+#                           '{"backend":"xgrammar","disable_any_whitespace":true}' (without it the
+#                           grammar lets a small model emit endless newlines between fields until
+#                           max_tokens cuts the JSON); set it empty to use vLLM's default
 #   GRA_VLLM_LOG            server log (default $GRA_VLLM_HOME/logs/vllm-<port>.log)
 #   GRA_VLLM_PIDFILE        default $GRA_VLLM_HOME/run/vllm-<port>.pid
 #   GRA_VLLM_READY_TIMEOUT  seconds to wait for /health (default 300)
@@ -66,8 +71,11 @@ CMD=("$PY" -m vllm.entrypoints.openai.api_server
   --host "$HOST" --port "$PORT"
   --max-model-len "${GRA_VLLM_MAX_MODEL_LEN:-2048}"
   --dtype bfloat16
-  --enforce-eager
-  ${EXTRA[@]+"${EXTRA[@]}"})
+  --enforce-eager)
+DEFAULT_SO='{"backend":"xgrammar","disable_any_whitespace":true}'
+SO_CONFIG="${GRA_VLLM_STRUCTURED_OUTPUTS_CONFIG-$DEFAULT_SO}"
+if [[ -n "$SO_CONFIG" ]]; then CMD+=(--structured-outputs-config "$SO_CONFIG"); fi
+CMD+=(${EXTRA[@]+"${EXTRA[@]}"})
 
 if [[ "${GRA_VLLM_FOREGROUND:-0}" == 1 ]]; then
   exec "${CMD[@]}"
