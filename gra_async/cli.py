@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import hashlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
     run.add_argument("--tpm", type=int, help="tokens per minute, per --endpoint")
     run.add_argument("--rounds", type=int, metavar="R", help="rounds; accepted samples join the next round's seeds")
+    run.add_argument("--max-tasks", type=int, metavar="N",
+                     help="tasks planned per round (default 10x the round's target)")
     run.add_argument("--seed", type=int, help="run seed: the plan and the role draws follow from it")
     run.add_argument("--grace", type=float, help=f"seconds in-flight calls get after Ctrl-C (default {defaults.GRACE_SECONDS:g})")
     run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
@@ -77,7 +77,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     run: dict[str, Any] = {}
     for flag, key in (("run_dir", "run_dir"), ("target", "target"), ("roles", "roles"),
                       ("reviewers", "reviewers"), ("concurrency", "concurrency"),
-                      ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace")):
+                      ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
+                      ("max_tasks", "max_tasks")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value
@@ -107,97 +108,25 @@ def _config(args: argparse.Namespace) -> RunConfig:
 # --- run -------------------------------------------------------------------------------
 
 
-def _snapshot(config: RunConfig) -> dict[str, Any]:
-    """The config as it decides results: operational knobs and secrets left out, inputs hashed.
-
-    Changing the target, concurrency, rate limits, URLs or timeouts continues a run;
-    changing models, prompts, seeds, the gate or the run seed is a different run.
-    """
-    from gra_async.prompts import default_prompts_dir
-
-    data = config.model_dump(mode="json")
-    for key in ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks"):
-        data["run"].pop(key, None)
-    data["endpoints"] = {
-        role: sorted({f"{e['model']}:{e['json_mode']}" for e in endpoints})
-        for role, endpoints in data["endpoints"].items()
-    }
-    prompts_dir = config.prompts_dir or default_prompts_dir()
-    data["prompts_sha256"] = _digest(sorted(prompts_dir.glob("*.md")))
-    seeds = config.planner.seeds
-    data["seeds_sha256"] = _digest([seeds] if seeds and seeds.is_file() else
-                                   sorted(seeds.rglob("*")) if seeds else [])
-    return data
-
-
-def _digest(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with contextlib.suppress(OSError):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@contextlib.asynccontextmanager
-async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
-    """The configured endpoints, or the embedded tiny model when none is configured."""
-    if config.has_endpoints:
-        yield config
-        return
-    from gra_async.local import LocalModelServer
-
-    config.run.run_dir.mkdir(parents=True, exist_ok=True)
-    async with LocalModelServer(log_dir=config.run.run_dir) as server:
-        endpoint = server.endpoint()
-        yield config.model_copy(update={"endpoints": {
-            "generator": (endpoint,), "reviewer": (endpoint,), "adjudicator": (endpoint,)}})
-
-
 async def _run(args: argparse.Namespace) -> int:
-    from gra_async.client import AiohttpTransport
-    from gra_async.dedup import Deduplicator
-    from gra_async.pipeline import Pipeline, plan_size
-    from gra_async.planner import Planner, assign_domains, load_seeds
     from gra_async.progress import ProgressDisplay
-    from gra_async.prompts import PromptSet
-    from gra_async.store import Journal
-    from gra_async.team import build_team
+    from gra_async.runner import open_run
 
     config = _config(args)
-    prompts = PromptSet.load(config.prompts_dir)
-    seeds = assign_domains(load_seeds(config.planner.seeds, config.planner),
-                           config.planner.domains, config.run.seed)
-    journal = Journal.open(config.run.run_dir, _snapshot(config), force=args.force)
-    transport = AiohttpTransport()
-    try:
-        async with _backend(config) as live_config:
-            team = await build_team(live_config, transport)
-            dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
-            for seed in seeds:
-                dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
-            planner = Planner(seeds, config.run.seed, config.generation.few_shot)
-            pipeline = Pipeline(live_config, team, prompts, planner, journal, dedup)
-            pipeline.resume_state()
-            journal.start()
-            journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
-            journal.set_meta("target", str(config.run.target))
-            interrupted = _install_signals(pipeline, config.run.grace)
-            stats = lambda: [s for p in team.stats_pools() for s in p.stats()]  # noqa: E731
-            async with ProgressDisplay(pipeline.progress, stats):
-                await pipeline.run()
-            if interrupted.is_set():
-                raise Interrupted(
-                    f"interrupted; {pipeline.progress.accepted} accepted so far. "
-                    "Run the same command again to resume."
-                )
-            if pipeline.progress.accepted < config.run.target:
-                print(f"plan exhausted: {pipeline.progress.accepted} of {config.run.target} "
-                      "accepted (raise run.max_tasks or the target's rounds to plan more)",
-                      file=sys.stderr)
-    finally:
-        await transport.aclose()
-        await journal.close()
-    print(f"done: {config.run.run_dir} ({pipeline.progress.accepted} accepted); "
+    async with open_run(config, force=args.force) as run:
+        progress = run.pipeline.progress
+        interrupted = _install_signals(run.pipeline, config.run.grace)
+        async with ProgressDisplay(progress, run.stats):
+            await run.pipeline.run()
+    if interrupted.is_set():
+        raise Interrupted(
+            f"interrupted; {progress.accepted} accepted so far. "
+            "Run the same command again to resume."
+        )
+    if progress.accepted < config.run.target:
+        print(f"plan exhausted: {progress.accepted} of {config.run.target} accepted "
+              "(raise --max-tasks, or check the rejection reasons with status)", file=sys.stderr)
+    print(f"done: {config.run.run_dir} ({progress.accepted} accepted); "
           f"export with: python -m gra_async export --run-dir {config.run.run_dir}")
     return EXIT_OK
 

@@ -1,0 +1,108 @@
+"""Assemble one run from its config: backend, journal, team, planner, pipeline; tear it down.
+
+The CLI adds flags, signals and the display; benchmarks and tests use `open_run` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gra_async.client import AiohttpTransport, EndpointStats
+from gra_async.config import RunConfig
+from gra_async.dedup import Deduplicator
+from gra_async.pipeline import Pipeline, plan_size
+from gra_async.planner import Planner, assign_domains, load_seeds
+from gra_async.prompts import PromptSet, default_prompts_dir
+from gra_async.store import Journal
+from gra_async.team import Team, build_team
+
+__all__ = ["Run", "open_run", "snapshot"]
+
+# Run settings that change how a run goes, not what it produces: a resume may change them.
+_OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks")
+
+
+def snapshot(config: RunConfig) -> dict[str, Any]:
+    """The config as it decides results: operational knobs and secrets left out, inputs hashed.
+
+    Changing the target, concurrency, rate limits, URLs or timeouts continues a run;
+    changing models, prompts, seeds, the gate or the run seed is a different run.
+    """
+    data = config.model_dump(mode="json")
+    for key in _OPERATIONAL:
+        data["run"].pop(key, None)
+    data["endpoints"] = {
+        role: sorted({f"{e['model']}:{e['json_mode']}" for e in endpoints})
+        for role, endpoints in data["endpoints"].items()
+    }
+    prompts_dir = config.prompts_dir or default_prompts_dir()
+    data["prompts_sha256"] = _digest(sorted(prompts_dir.glob("*.md")))
+    seeds = config.planner.seeds
+    files = [seeds] if seeds and seeds.is_file() else sorted(seeds.rglob("*")) if seeds else []
+    data["seeds_sha256"] = _digest(files)
+    return data
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.asynccontextmanager
+async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
+    """The configured endpoints, or the embedded tiny model when none is configured."""
+    if config.has_endpoints:
+        yield config
+        return
+    from gra_async.local import LocalModelServer
+
+    config.run.run_dir.mkdir(parents=True, exist_ok=True)
+    async with LocalModelServer(log_dir=config.run.run_dir) as server:
+        endpoint = server.endpoint()
+        yield config.model_copy(update={"endpoints": {
+            "generator": (endpoint,), "reviewer": (endpoint,), "adjudicator": (endpoint,)}})
+
+
+@dataclass(slots=True)
+class Run:
+    config: RunConfig  # with the embedded default's endpoint filled in, when used
+    journal: Journal
+    team: Team
+    pipeline: Pipeline
+
+    def stats(self) -> list[EndpointStats]:
+        return [s for pool in self.team.stats_pools() for s in pool.stats()]
+
+
+@contextlib.asynccontextmanager
+async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[Run]:
+    """Everything a run needs, validated before any task starts (bad input fails here)."""
+    prompts = PromptSet.load(config.prompts_dir)
+    seeds = assign_domains(load_seeds(config.planner.seeds, config.planner),
+                           config.planner.domains, config.run.seed)
+    journal = Journal.open(config.run.run_dir, snapshot(config), force=force)
+    transport = AiohttpTransport()
+    try:
+        async with _backend(config) as live:
+            team = await build_team(live, transport)
+            dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
+            for seed in seeds:
+                dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
+            planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+            pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
+            pipeline.resume_state()
+            journal.start()
+            journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
+            journal.set_meta("target", str(config.run.target))
+            yield Run(live, journal, team, pipeline)
+    finally:
+        await transport.aclose()
+        await journal.close()
