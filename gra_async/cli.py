@@ -12,11 +12,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gra_async import __version__, defaults
 from gra_async.config import RunConfig, load_config, parse_endpoint_flag
 from gra_async.errors import ConfigError, GraError, Interrupted, UserError
+
+if TYPE_CHECKING:
+    from gra_async.pipeline import Pipeline
 
 __all__ = ["main"]
 
@@ -113,12 +116,13 @@ async def _run(args: argparse.Namespace) -> int:
     from gra_async.runner import open_run
 
     config = _config(args)
+    signals = _Signals(config.run.grace)
     async with open_run(config, force=args.force) as run:
         progress = run.pipeline.progress
-        interrupted = _install_signals(run.pipeline, config.run.grace)
+        signals.attach(run.pipeline)
         async with ProgressDisplay(progress, run.stats):
             await run.pipeline.run()
-    if interrupted.is_set():
+    if signals.interrupted:
         raise Interrupted(
             f"interrupted; {progress.accepted} accepted so far. "
             "Run the same command again to resume."
@@ -131,23 +135,36 @@ async def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _install_signals(pipeline: Any, grace: float) -> asyncio.Event:
-    """First SIGINT/SIGTERM: stop admitting, give in-flight calls `grace` s; second: abandon."""
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
+class _Signals:
+    """First SIGINT/SIGTERM: stop admitting, give in-flight calls `grace` s; second: abandon.
 
-    def on_signal() -> None:
-        if interrupted.is_set():
-            pipeline.abandon()
+    Installed before anything slow starts, so an early Ctrl-C is never a traceback; the
+    pipeline is attached once it exists and learns of a signal that came before it.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.interrupted = False
+        self._pipeline: Pipeline | None = None
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._loop.add_signal_handler(sig, self._on_signal)
+
+    def attach(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        if self.interrupted:
+            pipeline.stop()
+
+    def _on_signal(self) -> None:
+        if self.interrupted:
+            if self._pipeline is not None:
+                self._pipeline.abandon()
             return
-        interrupted.set()
+        self.interrupted = True
         print("stopping: finishing calls in flight (Ctrl-C again to abandon them)", file=sys.stderr)
-        pipeline.stop()
-        loop.call_later(grace, pipeline.abandon)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    return interrupted
+        if self._pipeline is not None:
+            self._pipeline.stop()
+            self._loop.call_later(self.grace, self._pipeline.abandon)
 
 
 # --- status / export / doctor --------------------------------------------------------

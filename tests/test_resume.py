@@ -103,7 +103,9 @@ def test_kill_9_at_random_moments_loses_nothing(slow_server: FakeServer, tmp_pat
 
 def test_sigint_exits_130_then_resume_finishes(slow_server: FakeServer, tmp_path: Path) -> None:
     proc = launch(slow_server, tmp_path, "--target", "60")
-    time.sleep(2.0)
+    deadline = time.monotonic() + 60
+    while slow_server.stats()["chat_requests"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)  # well into the run, calls in flight
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
