@@ -42,7 +42,7 @@ from gra_async.scoring import (
 from gra_async.store import CallRecord, Journal, SampleRecord, call_key
 from gra_async.team import Team
 
-__all__ = ["Pipeline", "Progress", "plan_size"]
+__all__ = ["Pipeline", "Progress", "plan_size", "token_cost"]
 
 T = TypeVar("T")
 
@@ -73,10 +73,28 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (role, model, in|out)
     failures: Counter[str] = field(default_factory=Counter)
+    prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> per 1M in/out
 
     @property
     def finished(self) -> int:
         return self.accepted + self.rejected + self.failed
+
+    def cost(self) -> float | None:
+        """This session's spend from the configured prices; None when no price is set."""
+        return token_cost(self.tokens, self.prices)
+
+
+def token_cost(
+    tokens: Counter[tuple[str, str, str]] | dict[tuple[str, str, str], int],
+    prices: dict[str, tuple[float, float]],
+) -> float | None:
+    if not any(p_in or p_out for p_in, p_out in prices.values()):
+        return None
+    total = 0.0
+    for (_, model, direction), n in tokens.items():
+        p_in, p_out = prices.get(model, (0.0, 0.0))
+        total += n * (p_in if direction == "in" else p_out) / 1e6
+    return total
 
 
 def plan_size(config: RunConfig) -> int:
@@ -117,7 +135,7 @@ class Pipeline:
             "reviewer": review_schema(criteria),
             "adjudicator": verdict_schema(),
         }
-        self.progress = Progress(target=config.run.target)
+        self.progress = Progress(target=config.run.target, prices=dict(team.prices))
 
     # --- the run ---------------------------------------------------------------------
 

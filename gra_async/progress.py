@@ -74,7 +74,8 @@ def summary_table(progress: Progress, stats: Sequence[EndpointStats]) -> Table:
     for role, model in keys:
         table.add_row(f"{role} / {model}", str(progress.tokens[(role, model, "in")]),
                       str(progress.tokens[(role, model, "out")]))
-    table.caption = headline(progress)
+    cost = progress.cost()
+    table.caption = headline(progress) + (f"  cost ${cost:.4f}" if cost is not None else "")
     return table
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gra_async.errors import RunDirError
+from gra_async.pipeline import token_cost
 from gra_async.store import JournalReader, SampleRecord
 
 __all__ = ["export", "format_status", "sample_row", "status_report"]
@@ -42,6 +43,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
             str(s.body.get("decision")) for s in reader.samples(("rejected",))
         )
         span = reader.time_span()
+        prices = {m: (float(a), float(b))
+                  for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
     finally:
         reader.close()
     rate = None
@@ -63,6 +66,9 @@ def status_report(run_dir: Path) -> dict[str, Any]:
             for role, model, n, t_in, t_out in totals
         ],
         "failures": dict(failures.most_common()),
+        "cost": token_cost({key: n for role, model, _, t_in, t_out in totals
+                            for key, n in (((role, model, "in"), t_in or 0),
+                                           ((role, model, "out"), t_out or 0))}, prices),
         "accepted_per_second": rate,
         "eta_seconds": (left / rate) if rate else None,
         "updated": time.time(),
@@ -82,6 +88,8 @@ def format_status(report: dict[str, Any]) -> str:
     for row in report["by_model"]:
         lines.append(f"  {row['role']:<12}{row['model']:<32}{row['calls']:>8} calls "
                      f"{row['prompt_tokens']:>10} in {row['completion_tokens']:>10} out")
+    if report["cost"] is not None:
+        lines.append(f"  cost ${report['cost']:.4f} at the configured prices")
     for reason, n in report["failures"].items():
         lines.append(f"  failed x{n}: {reason}")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gra_async.client import AiohttpTransport, EndpointStats
 from gra_async.config import RunConfig
 from gra_async.dedup import Deduplicator
@@ -102,6 +104,7 @@ async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[R
             journal.start()
             journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
             journal.set_meta("target", str(config.run.target))
+            journal.set_meta("prices", orjson.dumps(team.prices).decode())
             yield Run(live, journal, team, pipeline)
     finally:
         await transport.aclose()

@@ -37,6 +37,7 @@ class Team:
     panel_size: int | None  # None: every eligible reviewer model
     run_seed: int
     json_modes: dict[str, str]  # model -> how its server takes structured output
+    prices: dict[str, tuple[float, float]]  # model -> (in, out) per million tokens
 
     def models(self, role: Role) -> tuple[str, ...]:
         pool = self.pools.get(role)
@@ -117,6 +118,8 @@ async def build_team(
         panel_size=config.run.reviewers,
         run_seed=config.run.seed,
         json_modes={e.model: e.config.json_mode for e in reversed(list(cache.values()))},
+        prices={e.model: (e.config.price_in, e.config.price_out)
+                for e in reversed(list(cache.values()))},
     )
     if config.run.roles == "rotate" and len(team.models("generator")) < 2:
         raise ConfigError(

@@ -278,3 +278,22 @@ class TestBadInput:
                      f"generator=nope@{fake_server.base_url}"])
         err = capsys.readouterr().err
         assert code == 2 and "'nope' is not served there" in err
+
+
+def test_cost_from_configured_prices(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = fake_server.base_url
+    (tmp_path / "gra.toml").write_text(
+        f'[[endpoints.generator]]\nbase_url = "{url}"\nmodel = "{GEN}"\nprice_in = 1.0\nprice_out = 2.0\n'
+        f'[[endpoints.reviewer]]\nbase_url = "{url}"\nmodel = "{REV_B}"\nprice_in = 0.5\n'
+    )
+    fake_server.control(rules=[{"model": REV_B, "content": review(9)}])
+    out = run_ok(["run", "--config", str(tmp_path / "gra.toml"), "--run-dir", str(tmp_path / "r"),
+                  "--target", "2", "--concurrency", "1"], capsys)
+    assert "cost $" in out
+    got = status(tmp_path / "r", capsys)
+    rows = {row["model"]: row for row in got["by_model"]}
+    expected = (rows[GEN]["prompt_tokens"] * 1.0 + rows[GEN]["completion_tokens"] * 2.0
+                + rows[REV_B]["prompt_tokens"] * 0.5) / 1e6
+    assert got["cost"] == pytest.approx(expected) and expected > 0
