@@ -26,6 +26,7 @@ import hashlib
 import re
 import sys
 import unicodedata
+from collections import OrderedDict
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -39,6 +40,11 @@ __all__ = ["Deduplicator", "Similarity", "normalize", "shingles"]
 _WHITESPACE = re.compile(r"\s+")
 _SHINGLE = 3
 _CANDIDATE_RECALL = 0.995
+_RECENT = 4096  # fingerprints kept between a sample's early check and its final check_and_add
+
+
+def _identity(value: int) -> int:
+    return value
 
 
 @functools.cache
@@ -119,7 +125,9 @@ class Deduplicator:
         self.num_perm = num_perm
         self.semantic = semantic
         self.semantic_threshold = semantic_threshold
-        self._empty = MinHash(num_perm=num_perm, seed=seed)  # copied, so permutations are made once
+        # Copied per text, so the permutations are drawn once; its inputs are hashes already.
+        self._empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity)
+        self._recent: OrderedDict[str, tuple[str, _Fingerprint]] = OrderedDict()
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm,
                                params=_band_layout(threshold, num_perm))
         self._exact: dict[bytes, str] = {}
@@ -139,15 +147,24 @@ class Deduplicator:
     def _prepare(self, text: str) -> _Fingerprint:
         normalized = normalize(text)
         digest = hashlib.blake2b(normalized.encode(), digest_size=16).digest()
-        grams = sorted(shingles(normalized))
+        grams = shingles(normalized)
         if not grams:
             return _Fingerprint(digest, None, None)
-        minhash = self._empty.copy()
-        minhash.update_batch(grams)
+        # One hash per shingle serves both stages: its 64 bits for the exact Jaccard, its
+        # low 32 bits as the MinHash input (datasketch would hash every shingle again).
         hashes = np.unique(np.fromiter(
             (int.from_bytes(hashlib.blake2b(g, digest_size=8).digest(), "little") for g in grams),
             dtype=np.uint64, count=len(grams)))
+        minhash = self._empty.copy()
+        minhash.update_batch(hashes & np.uint64(0xFFFFFFFF))
         return _Fingerprint(digest, minhash, hashes)
+
+    def _fingerprint(self, key: str, text: str) -> _Fingerprint:
+        """`check` then `check_and_add` of one sample hash its text once."""
+        recent = self._recent.pop(key, None)
+        if recent is not None and recent[0] == text:
+            return recent[1]
+        return self._prepare(text)
 
     def _find(self, key: str, text: str, fingerprint: _Fingerprint) -> str | None:
         exact = self._exact.get(fingerprint.digest)
@@ -184,7 +201,11 @@ class Deduplicator:
         A text is never reported as a duplicate of its own key, so re-checking a
         stored sample on resume is harmless.
         """
-        return self._find(key, text, self._prepare(text))
+        fingerprint = self._prepare(text)
+        self._recent[key] = (text, fingerprint)
+        if len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+        return self._find(key, text, fingerprint)
 
     def add(self, key: str, text: str) -> None:
         """Store a text under `key`; adding a key again is a no-op (resume re-adds samples)."""
@@ -198,7 +219,7 @@ class Deduplicator:
 
     def check_and_add(self, key: str, text: str) -> str | None:
         """`check`, then `add` when the text is new, hashing the text once."""
-        fingerprint = self._prepare(text)
+        fingerprint = self._fingerprint(key, text)
         duplicate = self._find(key, text, fingerprint)
         if duplicate is None and key not in self._keys:
             self._add(key, text, fingerprint)

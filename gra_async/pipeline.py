@@ -129,6 +129,7 @@ class Pipeline:
         self._stopping = False
         self._goal = 0
         self._accepted_records: list[SampleRecord] = []
+        self._dedup_filled: asyncio.Future[None]
         criteria = config.gate.criteria
         self._schemas = {
             "generator": generation_schema(),
@@ -144,8 +145,6 @@ class Pipeline:
         self._finished = self.journal.finished_tasks()
         self._cache = self.journal.unfinished_calls()
         self._accepted_records = self.journal.accepted()
-        for record in self._accepted_records:
-            self.dedup.add(record.task_id, _dedup_text(record.body))
         self.progress.accepted = len(self._accepted_records)
         counts = self.journal.state_counts()
         self.progress.rejected, self.progress.failed = counts["rejected"], counts["failed"]
@@ -161,7 +160,30 @@ class Pipeline:
         for task in list(self._running.values()):
             task.cancel()
 
+    def _fill_dedup(self, seeds: list[Seed], accepted: list[SampleRecord]) -> None:
+        for seed in seeds:
+            self.dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
+        for record in accepted:
+            self.dedup.add(record.task_id, _dedup_text(record.body))
+
+    async def _dedup_index(self) -> Deduplicator:
+        """The index, once filled: until then only calls go out (resume starts at once)."""
+        await self._dedup_filled
+        return self.dedup
+
     async def run(self) -> Progress:
+        # Hashing every seed and accepted sample takes ~0.4 ms each: a worker thread does
+        # it while the first calls are in flight; tasks wait for it only at their dedup step.
+        seeds = [seed for domain in self.planner.domains for seed in self.planner.seeds_of(domain)]
+        self._dedup_filled = asyncio.ensure_future(
+            asyncio.to_thread(self._fill_dedup, seeds, list(self._accepted_records)))
+        try:
+            return await self._run_rounds()
+        finally:
+            if not self._dedup_filled.done():
+                self._dedup_filled.cancel()
+
+    async def _run_rounds(self) -> Progress:
         rounds = self.config.run.rounds
         target = self.config.run.target
         for rnd in range(1, rounds + 1):
@@ -238,7 +260,8 @@ class Pipeline:
             "generator": team.generator,
             "tokens": gen_reply.prompt_tokens + gen_reply.completion_tokens,
         }
-        if (dup := self.dedup.check(task.id, _dedup_text(base))) is not None:
+        dedup = await self._dedup_index()
+        if (dup := dedup.check(task.id, _dedup_text(base))) is not None:
             return self._finish(task, {**base, **_empty_verdict(), "decision": "duplicate",
                                        "duplicate_of": dup})
         self._record(task, "generated", base)

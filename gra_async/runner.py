@@ -96,8 +96,6 @@ async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[R
         async with _backend(config) as live:
             team = await build_team(live, transport)
             dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
-            for seed in seeds:
-                dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
             planner = Planner(seeds, config.run.seed, config.generation.few_shot)
             pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
             pipeline.resume_state()
