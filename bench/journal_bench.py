@@ -1,0 +1,150 @@
+"""Journal benchmarks: resume start-up on a large journal, and memory against plan size.
+
+    python bench/journal_bench.py resume --calls 100000
+    python bench/journal_bench.py memory --seeds 10000 100000
+
+`resume` writes a journal of N calls (3 per task, a few tasks left unfinished) through the
+real writer, then times what a resume does before its first call: open the journal,
+load the finished tasks, the replies of unfinished tasks and the accepted samples.
+Filling the dedup index from the accepted samples runs in a worker thread beside the
+first calls; its time is printed separately.
+
+`memory` runs the pipeline (fake server, latency 50 ms, C=200) on generated seed files of
+each size and prints the peak RSS of each run, measured in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gra_async.dedup import Deduplicator
+from gra_async.store import CallRecord, Journal, SampleRecord
+
+
+async def _fill(run_dir: Path, calls: int) -> None:
+    journal = Journal.open(run_dir, {"bench": 1})
+    journal.start()
+    tasks = calls // 3
+    for t in range(tasks):
+        task_id = f"r1-{t:07d}"
+        for slot in range(3):
+            journal.record_call(CallRecord(
+                f"{task_id}/{slot}", task_id, ("generator", "reviewer", "reviewer")[slot],
+                "model", "model@http://127.0.0.1:1/v1", '{"scores": {"clarity": 9}, "feedback": "'
+                + "words " * 40 + '"}', "stop", 300, 60, 0.5, 1))
+        if t % 100 == 99:
+            continue  # left unfinished: resume must reload its replies
+        state = "accepted" if t % 2 else "rejected"
+        body = {"instruction": f"Task {t}: " + "explain something specific " * 8,
+                "response": f"Answer {t}: " + "a detailed and careful reply " * 30,
+                "decision": state[:-2], "reviews": [], "tokens": 900}
+        journal.record_sample(SampleRecord(task_id, 1, t, state, "domain", ("s1", "s2"), body))
+    await journal.close()
+
+
+def resume(calls: int) -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="gra-journal-"))
+    try:
+        started = time.perf_counter()
+        asyncio.run(_fill(run_dir, calls))
+        written = time.perf_counter() - started
+        size = (run_dir / "journal.sqlite").stat().st_size / 2**20
+        started = time.perf_counter()
+        journal = Journal.open(run_dir, {"bench": 1})
+        finished = journal.finished_tasks()
+        cached = journal.unfinished_calls()
+        accepted = journal.accepted()
+        counts = journal.state_counts()
+        startup = time.perf_counter() - started
+        started = time.perf_counter()
+        dedup = Deduplicator()
+        for record in accepted:
+            dedup.add(record.task_id, f"{record.body['instruction']}\n{record.body['response']}")
+        fill = time.perf_counter() - started
+        asyncio.run(journal.close())
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"journal: {calls} calls, {sum(counts.values())} samples, {size:.0f} MiB, "
+          f"written in {written:.1f} s ({calls / written:.0f} calls/s through the writer)")
+    print(f"resume start-up: {startup:.2f} s (finished {len(finished)}, unfinished replies "
+          f"{len(cached)}, accepted {len(accepted)})")
+    print(f"dedup index fill (worker thread, beside the first calls): {fill:.1f} s")
+
+
+def memory(sizes: list[int]) -> None:
+    for size in sizes:
+        out = subprocess.run([sys.executable, __file__, "_memory_child", str(size)],
+                             capture_output=True, text=True, check=True)
+        print(out.stdout.strip())
+
+
+def _memory_child(size: int) -> None:
+    from gra_async.config import load_config
+    from gra_async.runner import open_run
+    from gra_async.testing.fake_server import FakeServerProcess
+
+    work = Path(tempfile.mkdtemp(prefix="gra-mem-"))
+    seeds = work / "seeds.jsonl"
+    with open(seeds, "w") as handle:
+        for i in range(size):
+            handle.write(json.dumps({
+                "instruction": f"Question {i} about topic {i % 40}: " + "please explain " * 10,
+                "response": f"Answer {i}: " + "a reasonably long response text " * 12,
+                "domain": f"d{i % 40}"}) + "\n")
+    review = json.dumps({"scores": {c: 9 for c in ("correctness", "clarity", "completeness",
+                                                       "relevance", "coherence", "ethicality")},
+                         "feedback": "ok"})
+    server = FakeServerProcess.start(models=["g", "r"], latency=0.05,
+                                     rules=[{"model": "r", "content": review}])
+    url = server.base_url
+    config = load_config(None, environ={}, overrides={
+        "run": {"run_dir": work / "run", "target": 2000, "concurrency": 200},
+        "planner": {"seeds": seeds},
+        "endpoints": {"generator": [{"base_url": url, "model": "g", "max_concurrency": 200}],
+                      "reviewer": [{"base_url": url, "model": "r", "max_concurrency": 200}]},
+    })
+
+    async def go() -> None:
+        async with open_run(config) as run:
+            await run.pipeline.run()
+
+    try:
+        started = time.perf_counter()
+        asyncio.run(go())
+        wall = time.perf_counter() - started
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"seeds={size:>7}  target=2000  C=200  wall={wall:.1f}s  peak RSS={rss:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("resume")
+    r.add_argument("--calls", type=int, default=100_000)
+    m = sub.add_parser("memory")
+    m.add_argument("--seeds", type=int, nargs="+", default=[10_000, 100_000])
+    c = sub.add_parser("_memory_child")
+    c.add_argument("size", type=int)
+    args = parser.parse_args()
+    if args.what == "resume":
+        resume(args.calls)
+    elif args.what == "memory":
+        memory(args.seeds)
+    else:
+        _memory_child(args.size)
+
+
+if __name__ == "__main__":
+    main()
