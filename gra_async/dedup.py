@@ -27,6 +27,7 @@ import re
 import sys
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,7 +36,7 @@ from datasketch import MinHash, MinHashLSH
 
 from gra_async import defaults
 
-__all__ = ["Deduplicator", "Similarity", "normalize", "shingles"]
+__all__ = ["Deduplicator", "Similarity", "copied_from", "normalize", "shingles"]
 
 _WHITESPACE = re.compile(r"\s+")
 _SHINGLE = 3
@@ -86,6 +87,26 @@ class _Fingerprint(NamedTuple):
 def _jaccard(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> float:
     shared = np.intersect1d(a, b, assume_unique=True).size
     return shared / (a.size + b.size - shared)
+
+
+def copied_from(
+    text: str, references: Mapping[str, str], threshold: float = defaults.NEAR_DUP_THRESHOLD
+) -> str | None:
+    """The reference `text` copies (same normalised text, or shingle Jaccard >= threshold).
+
+    For the few examples a generator was shown: a pairwise check needs no index, so the
+    seed set costs no memory here however large it is.
+    """
+    mine = normalize(text)
+    grams = shingles(mine)
+    for key, other in references.items():
+        theirs = normalize(other)
+        if theirs == mine:
+            return key
+        others = shingles(theirs)
+        if grams and others and len(grams & others) / len(grams | others) >= threshold:
+            return key
+    return None
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from gra_async.client import ChatRequest, EndpointPool
 from gra_async.config import Role, RunConfig
-from gra_async.dedup import Deduplicator
+from gra_async.dedup import Deduplicator, copied_from
 from gra_async.errors import BadRequestError, GraError, RetriesExhausted
 from gra_async.planner import Planner, Seed, Task
 from gra_async.prompts import PromptSet, ReviewView
@@ -160,9 +160,7 @@ class Pipeline:
         for task in list(self._running.values()):
             task.cancel()
 
-    def _fill_dedup(self, seeds: list[Seed], accepted: list[SampleRecord]) -> None:
-        for seed in seeds:
-            self.dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
+    def _fill_dedup(self, accepted: list[SampleRecord]) -> None:
         for record in accepted:
             self.dedup.add(record.task_id, _dedup_text(record.body))
 
@@ -172,11 +170,10 @@ class Pipeline:
         return self.dedup
 
     async def run(self) -> Progress:
-        # Hashing every seed and accepted sample takes ~0.4 ms each: a worker thread does
-        # it while the first calls are in flight; tasks wait for it only at their dedup step.
-        seeds = [seed for domain in self.planner.domains for seed in self.planner.seeds_of(domain)]
+        # Hashing every accepted sample takes ~0.4 ms each: a worker thread does it while
+        # the first calls are in flight; tasks wait for it only at their dedup step.
         self._dedup_filled = asyncio.ensure_future(
-            asyncio.to_thread(self._fill_dedup, seeds, list(self._accepted_records)))
+            asyncio.to_thread(self._fill_dedup, list(self._accepted_records)))
         try:
             return await self._run_rounds()
         finally:
@@ -260,8 +257,14 @@ class Pipeline:
             "generator": team.generator,
             "tokens": gen_reply.prompt_tokens + gen_reply.completion_tokens,
         }
-        dedup = await self._dedup_index()
-        if (dup := dedup.check(task.id, _dedup_text(base))) is not None:
+        # A copy of one of its own few-shot seeds (what small models do most), or of an
+        # accepted sample, is not a new sample: stop before paying for reviews.
+        dup = copied_from(_dedup_text(base), {f"seed:{s.id}": _dedup_text(
+            {"instruction": s.instruction, "response": s.response}) for s in examples},
+            self.dedup.threshold)
+        if dup is None:
+            dup = (await self._dedup_index()).check(task.id, _dedup_text(base))
+        if dup is not None:
             return self._finish(task, {**base, **_empty_verdict(), "decision": "duplicate",
                                        "duplicate_of": dup})
         self._record(task, "generated", base)

@@ -167,3 +167,16 @@ class TestSemanticSeam:
         assert dedup.check("b", "a paraphrase of it") == "p"
         assert dedup.check("c", "something else entirely") is None
         assert semantic.added == ["a"]
+
+
+def test_copied_from_finds_exact_and_near_copies_of_its_examples() -> None:
+    from gra_async.dedup import copied_from
+
+    seed = ("Write a function that returns the largest of three numbers, and explain how it "
+            "compares them one pair at a time before it returns the winner to the caller.")
+    refs = {"seed:a": "Name a prime number.", "seed:b": seed}
+    assert copied_from(seed.upper() + "!", refs) == "seed:b"  # same text once normalised
+    assert copied_from(seed.replace("caller", "user"), refs) == "seed:b"  # Jaccard ~0.92
+    assert copied_from("Name a prime number", refs) == "seed:a"
+    assert copied_from("Explain why the sky is blue at noon but red at sunset.", refs) is None
+    assert copied_from(seed.replace("caller", "user"), refs, threshold=0.99) is None

@@ -361,11 +361,13 @@ def test_generator_replica_goes_down_and_comes_back(
     try:
         steady, flaky, panel = servers
         panel.control(rules=mixed_panel_rules())
-        tasks = 150
+        tasks = 200
+        # The flaky replica is listed first: it wins ties on load, so once it is healthy
+        # again it takes most of the work, which makes its recovery plain to see.
         config = write_config(
-            tmp_path / "gra.toml", generators=[steady.base_url, flaky.base_url],
+            tmp_path / "gra.toml", generators=[flaky.base_url, steady.base_url],
             reviewers=panel.base_url, adjudicator=panel.base_url,
-            endpoint={"cooldown_after": 2, "cooldown": 0.2, "read_timeout": 2,
+            endpoint={"cooldown_after": 2, "cooldown": 0.1, "read_timeout": 2,
                       "connect_timeout": 1},
             run={"max_tasks": tasks},
         )
@@ -399,7 +401,7 @@ def test_generator_replica_goes_down_and_comes_back(
         retried = sum(attempts - 1 for role, _, attempts in books.calls if role == "generator")
         assert retried >= 1
         # ... and the replica got work again after it came back.
-        assert flaky_stats["chat_requests"] - seen["back"] >= 10, (seen, flaky_stats)
+        print("MARGIN", seen, flaky_stats["chat_requests"], flaky_stats["status"]); assert flaky_stats["chat_requests"] - seen["back"] >= 20, (seen, flaky_stats)
         generator_endpoints = Counter(e for role, e, _ in books.calls if role == "generator")
         assert {f"{GEN}@{steady.base_url}", f"{GEN}@{flaky.base_url}"} == set(generator_endpoints)
         # Replies the servers sent all reached the journal exactly once.
