@@ -130,11 +130,11 @@ class Pipeline:
         self._goal = 0
         self._accepted_records: list[SampleRecord] = []
         self._dedup_filled: asyncio.Future[None]
-        criteria = config.gate.criteria
+        gen = config.generation
         self._schemas = {
-            "generator": generation_schema(),
-            "reviewer": review_schema(criteria),
-            "adjudicator": verdict_schema(),
+            "generator": generation_schema(gen.max_tokens),
+            "reviewer": review_schema(config.gate.criteria, gen.review_max_tokens),
+            "adjudicator": verdict_schema(gen.verdict_max_tokens),
         }
         self.progress = Progress(target=config.run.target, prices=dict(team.prices))
 

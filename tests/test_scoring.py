@@ -282,3 +282,11 @@ class TestDecide:
 
     def test_decision_values(self) -> None:
         assert [str(d) for d in Decision] == ["accept", "reject", "adjudicate"]
+
+
+def test_string_caps_follow_the_token_budget() -> None:
+    assert generation_schema(100)["properties"]["instruction"]["maxLength"] == 100
+    assert generation_schema(100)["properties"]["response"]["maxLength"] == 250
+    assert review_schema(CRITERIA, 200)["properties"]["feedback"]["maxLength"] == 400
+    assert verdict_schema(50)["properties"]["reason"]["maxLength"] == 100
+    assert "maxLength" not in generation_schema()["properties"]["response"]
