@@ -36,10 +36,17 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
         endpoint = Endpoint(config, transport)
         served = await probe(endpoint, transport)
         fmt = response_format("gra_doctor", _SCHEMA, config.json_mode)
-        pool = EndpointPool([endpoint], policy=RetryPolicy(max_retries=1))
-        reply = await pool.chat(ChatRequest(messages=_ASK, max_tokens=32, response_format=fmt))
     except GraError as exc:
         return False, str(exc)
+    pool = EndpointPool([endpoint], policy=RetryPolicy(max_retries=1))
+    try:
+        reply = await pool.chat(ChatRequest(messages=_ASK, max_tokens=32, response_format=fmt))
+    except GraError as exc:
+        hint = ""
+        if config.json_mode == "json_schema":
+            # llama.cpp answers 500 to json_schema; it takes {"type": "json_object", "schema": ...}.
+            hint = '; if the server does not take json_schema, set json_mode = "json_object"'
+        return False, f"{exc} (asking for {config.json_mode} output){hint}"
     detail = f"{endpoint.label}: reachable, key accepted, model served ({len(served)} listed)"
     if config.json_mode == "none":
         return True, detail + ", structured output not requested (json_mode none)"
