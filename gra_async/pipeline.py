@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from gra_async.scoring import (
 from gra_async.store import CallRecord, Journal, SampleRecord, call_key
 from gra_async.team import Team
 
-__all__ = ["Pipeline", "Progress", "plan_size", "token_cost"]
+__all__ = ["Pipeline", "Progress", "failure_kind", "plan_size", "token_cost"]
 
 T = TypeVar("T")
 
@@ -236,8 +237,9 @@ class Pipeline:
             raise
         except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
             reason = str(exc)
-            self._record(task, "failed", {"decision": "failed", "reason": reason})
-            self.progress.failures[reason.split(":")[0][:60]] += 1
+            kind = failure_kind(reason)
+            self._record(task, "failed", {"decision": "failed", "reason": reason, "failure": kind})
+            self.progress.failures[kind] += 1
         finally:
             self.progress.in_progress -= 1
             self._running.pop(task.id, None)
@@ -365,13 +367,15 @@ class Pipeline:
         budget = self.config.gate.invalid_reply_retries
         for attempt in range(budget + 1):
             record = await self._call(task, role, model, messages, f"{slot}/{attempt}")
+            if record.finish_reason == "length":
+                # Whatever parses out of a reply cut at max_tokens is not the whole reply.
+                reason = "reply cut off at max_tokens (raise the role's max_tokens)"
+                continue
             try:
                 return parse(record.content), record
             except InvalidReply as exc:
                 reason = exc.reason
-                if record.finish_reason == "length":
-                    reason += " (cut off at max_tokens)"
-        raise TaskFailed(f"{role} {model}: invalid reply after {budget + 1} tries: {reason}")
+        raise TaskFailed(f"invalid {role} reply after {budget + 1} tries from {model}: {reason}")
 
     async def _call(
         self, task: Task, role: Role, model: str, messages: list[dict[str, str]], slot: str
@@ -407,6 +411,14 @@ class Pipeline:
         self.journal.record_sample(
             SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids, body)
         )
+
+
+_LABEL = re.compile(r"^\S+@\S+?: ")
+
+
+def failure_kind(reason: str) -> str:
+    """A failure reason without its endpoint and details, to count failures by kind."""
+    return _LABEL.sub("", reason).split(": ")[0].split(" (")[0][:80]
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gra_async.errors import RunDirError
-from gra_async.pipeline import token_cost
+from gra_async.pipeline import failure_kind, token_cost
 from gra_async.store import JournalReader, SampleRecord
 
 __all__ = ["export", "format_status", "sample_row", "status_report"]
@@ -37,7 +37,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         target = int(reader.meta("target") or 0)
         totals = reader.call_totals()
         failures: Counter[str] = Counter(
-            str(s.body.get("reason", "?")).split(":")[0][:80] for s in reader.samples(("failed",))
+            str(s.body.get("failure") or failure_kind(str(s.body.get("reason", "?"))))
+            for s in reader.samples(("failed",))
         )
         decisions: Counter[str] = Counter(
             str(s.body.get("decision")) for s in reader.samples(("rejected",))

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gra_async.client import AiohttpTransport, EndpointStats
-from gra_async.config import RunConfig
+from gra_async.config import GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.pipeline import Pipeline, plan_size
 from gra_async.planner import Planner, assign_domains, load_seeds
@@ -69,8 +69,22 @@ async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
     config.run.run_dir.mkdir(parents=True, exist_ok=True)
     async with LocalModelServer(log_dir=config.run.run_dir) as server:
         endpoint = server.endpoint()
-        yield config.model_copy(update={"endpoints": {
-            "generator": (endpoint,), "reviewer": (endpoint,), "adjudicator": (endpoint,)}})
+        yield config.model_copy(update={
+            "endpoints": {"generator": (endpoint,), "reviewer": (endpoint,),
+                          "adjudicator": (endpoint,)},
+            "generation": _local_budgets(config.generation),
+        })
+
+
+def _local_budgets(generation: GenerationConfig) -> GenerationConfig:
+    """Shorter replies for the embedded 135M model, unless the user chose their own.
+
+    On 2 CPU cores it writes ~30-90 tokens/s one request at a time: the 7B-sized budgets
+    would make the demo take many minutes, and a tiny model's long replies only ramble.
+    """
+    chosen = generation.model_fields_set
+    local = {"max_tokens": 320, "review_max_tokens": 160, "verdict_max_tokens": 120}
+    return generation.model_copy(update={k: v for k, v in local.items() if k not in chosen})
 
 
 @dataclass(slots=True)

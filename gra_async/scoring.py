@@ -298,21 +298,20 @@ def extract_json(text: str) -> Any:
     except orjson.JSONDecodeError:
         pass
     decoder = json.JSONDecoder()
-    truncated = False
     start = stripped.find("{")
     while start != -1:
         try:
             value, _ = decoder.raw_decode(stripped, start)
         except json.JSONDecodeError as exc:
-            truncated = truncated or exc.pos >= len(stripped) - 1 or exc.msg.startswith(
-                "Unterminated string"
-            )
+            if exc.pos >= len(stripped) - 1 or exc.msg.startswith("Unterminated string"):
+                # An object that runs to the end of the reply was cut off. Every later `{`
+                # lies inside it: a complete inner object (the scores without their
+                # feedback) must not pass for the whole reply.
+                raise InvalidReply("JSON cut off before its end (raise max_tokens?)", text) from None
         else:
             if isinstance(value, dict):
                 return value
         start = stripped.find("{", start + 1)
-    if truncated:
-        raise InvalidReply("JSON cut off before its end (raise max_tokens?)", text)
     raise InvalidReply("not JSON", text)
 
 

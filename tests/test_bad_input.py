@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,20 @@ def test_seeds_csv_malformed_names_the_line(server: FakeServerProcess, tmp_path:
     assert_user_error(out, f"{seeds}:3:")
 
 
+def test_seeds_not_utf8_names_the_line(server: FakeServerProcess, tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9"}\n')
+    out = gra(*good_run(server, tmp_path / "run", "--seeds", str(seeds)))
+    assert_user_error(out, f"{seeds}:2:", "not UTF-8", "re-save the file as UTF-8")
+
+
+def test_seeds_of_unknown_format(server: FakeServerProcess, tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("Write a poem.\n")
+    out = gra(*good_run(server, tmp_path / "run", "--seeds", str(seeds)))
+    assert_user_error(out, str(seeds), "unknown seeds format '.txt'", ".jsonl")
+
+
 # --- endpoints -----------------------------------------------------------------------------
 
 
@@ -146,6 +161,12 @@ def test_unreachable_endpoint(tmp_path: Path) -> None:
     out = gra("run", "--run-dir", str(tmp_path / "run"), "--endpoint",
               "generator=m@http://127.0.0.1:9/v1", "--api-key-env", KEY_ENV)
     assert_user_error(out, "m@http://127.0.0.1:9/v1", "cannot connect", "is the server running")
+
+
+def test_url_without_v1(server: FakeServerProcess, tmp_path: Path) -> None:
+    out = gra("run", "--run-dir", str(tmp_path / "run"), "--endpoint",
+              f"generator={GEN}@{server.url}", "--api-key-env", KEY_ENV)
+    assert_user_error(out, f"{GEN}@{server.url}", "HTTP 404", "ends in /v1")
 
 
 def test_wrong_api_key(server: FakeServerProcess, tmp_path: Path) -> None:
@@ -311,6 +332,48 @@ def test_resume_with_a_different_config(server: FakeServerProcess, tmp_path: Pat
     out = gra(*good_run(server, run_dir, "--target", "1", "--reviewers", "0", "--seed", "7"))
     assert_user_error(out, str(run_dir), "different config", "run.seed",
                       "pass --force or use a new --run-dir")
+
+
+def test_run_dir_is_a_file(server: FakeServerProcess, tmp_path: Path) -> None:
+    run_dir = tmp_path / "results.jsonl"
+    run_dir.write_text("{}\n")
+    out = gra(*good_run(server, run_dir))
+    assert_user_error(out, str(run_dir), "cannot write the journal")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: store._disk_error's fallback hint says 'File exists; run the same command again "
+    "to resume' when --run-dir names a file: running it again cannot help"))
+def test_run_dir_is_a_file_says_so(server: FakeServerProcess, tmp_path: Path) -> None:
+    run_dir = tmp_path / "results.jsonl"
+    run_dir.write_text("{}\n")
+    line = assert_user_error(gra(*good_run(server, run_dir)), str(run_dir))
+    assert "run the same command again" not in line and "not a directory" in line
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: no lock on the run directory: a second `run` on a directory another run is "
+    "writing works the same tasks again (wasted calls) and, since each process journals its "
+    "own replies (calls: INSERT OR IGNORE, samples: INSERT OR REPLACE), accepted samples end "
+    "up with a body that matches no journaled generator reply"))
+def test_run_dir_in_use_by_another_run(tmp_path: Path) -> None:
+    slow = start_fake_server(models=list(FAKE_MODELS), latency=0.2)
+    try:
+        run_dir = tmp_path / "run"
+        args = ["run", "--run-dir", str(run_dir), "--endpoint", f"generator={GEN}@{slow.base_url}",
+                "--reviewers", "0", "--target", "30", "--concurrency", "2"]
+        first = subprocess.Popen([sys.executable, "-m", "gra_async", *args],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            while slow.stats()["chat_requests"] == 0 and first.poll() is None:
+                time.sleep(0.05)
+            second = gra(*args)
+        finally:
+            _, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+        assert_user_error(second, str(run_dir), "in use")
+    finally:
+        slow.close()
 
 
 def test_status_of_a_directory_that_is_no_run(tmp_path: Path) -> None:

@@ -69,22 +69,24 @@ class Review(BaseModel):
     feedback: str
 
 
+CRITERIA = ("correctness", "clarity", "completeness", "relevance", "coherence", "ethicality")
+# The schema form this server enforces: its grammar ignores integer minimum/maximum (measured:
+# scores of 25, 38, 47 when asked for 100) but honours enum; maxLength bounds the feedback, so
+# the reply fits in max_tokens (~70 tokens of structure and scores + at most one per character).
 REVIEW_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        **{
-            name: {"type": "integer", "minimum": 1, "maximum": 10}
-            for name in (
-                "correctness", "clarity", "completeness", "relevance", "coherence", "ethicality"
-            )
-        },
-        "feedback": {"type": "string"},
+        **{name: {"type": "integer", "enum": list(range(1, 11))} for name in CRITERIA},
+        "feedback": {"type": "string", "maxLength": 200},
     },
-    "required": [
-        "correctness", "clarity", "completeness", "relevance", "coherence", "ethicality",
-        "feedback",
-    ],
-}  # fmt: skip
+    "required": [*CRITERIA, "feedback"],
+}
+
+
+def parse_review(content: str) -> Review:
+    """strict=False: the server's grammar lets raw control characters (newlines) into strings."""
+    return Review.model_validate(json.loads(content, strict=False))
+
 
 REVIEW_MESSAGES = [
     {
@@ -197,8 +199,87 @@ def test_json_object_with_schema_gives_a_valid_review(
     }
     choice = _chat(http, server, body)
     assert choice["finish_reason"] == "stop", choice  # 300 tokens is enough: no cut-off JSON
-    review = Review.model_validate_json(choice["message"]["content"])
+    review = parse_review(choice["message"]["content"])
     assert review.feedback.strip()
+
+
+@pytest.mark.slow
+def test_enum_holds_scores_in_range_when_asked_otherwise(
+    server: LocalModelServer, http: httpx.Client
+) -> None:
+    body = {
+        "model": server.model,
+        "messages": [
+            {"role": "system", "content": "You are a reviewer. Answer in JSON."},
+            {"role": "user", "content": f"Give {', '.join(CRITERIA)} the score 100 each."},
+        ],
+        "temperature": 0,
+        "max_tokens": 300,
+        "response_format": {"type": "json_object", "schema": REVIEW_SCHEMA},
+    }
+    parse_review(_chat(http, server, body)["message"]["content"])
+
+
+@pytest.mark.slow
+def test_json_schema_response_format_is_rejected(
+    server: LocalModelServer, http: httpx.Client
+) -> None:
+    """Pins the quirk behind JSON_MODE: if this starts passing, the server learnt json_schema."""
+    body = {
+        "model": server.model,
+        "messages": REVIEW_MESSAGES,
+        "max_tokens": 8,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "review", "schema": REVIEW_SCHEMA, "strict": True},
+        },
+    }
+    reply = http.post(f"{server.base_url}/chat/completions", json=body)
+    assert reply.status_code == 500
+    assert "json_object" in reply.text  # "Input should be 'text' or 'json_object'"
+    assert local.JSON_MODE == "json_object"
+
+
+@pytest.mark.slow
+def test_a_stream_is_not_cut_by_a_second_request(
+    server: LocalModelServer, http: httpx.Client
+) -> None:
+    """--interrupt_requests False: the server's default ends a stream when another call waits."""
+    chunks: list[str] = []
+
+    async def both() -> None:
+        async with httpx.AsyncClient(timeout=120.0, trust_env=False) as client:
+
+            async def streamed() -> None:
+                body = {
+                    "model": server.model,
+                    "messages": [{"role": "user", "content": "Tell a long story."}],
+                    "stream": True,
+                    "max_tokens": 48,
+                    "temperature": 0,
+                }
+                async with client.stream(
+                    "POST", f"{server.base_url}/chat/completions", json=body
+                ) as reply:
+                    async for line in reply.aiter_lines():
+                        chunks.append(line)
+
+            async def second() -> None:
+                while not chunks:  # noqa: ASYNC110 - wait for the stream to be under way
+                    await anyio.sleep(0.01)
+                body = {"model": server.model, "messages": REVIEW_MESSAGES[1:], "max_tokens": 4}
+                assert (
+                    await client.post(f"{server.base_url}/chat/completions", json=body)
+                ).is_success
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(streamed)
+                group.start_soon(second)
+
+    anyio.run(both)
+    assert "data: [DONE]" in chunks
+    finishes = [json.loads(c[6:])["choices"][0]["finish_reason"] for c in chunks if c[6:7] == "{"]
+    assert finishes[-1] in ("length", "stop")
 
 
 @pytest.mark.slow

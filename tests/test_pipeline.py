@@ -125,7 +125,7 @@ class TestGate:
         for row in rows:
             assert [r["model"] for r in row["reviews"]] == [REV_C]  # never a silent zero
             (failed,) = row["failed_reviews"]
-            assert failed["model"] == REV_B and "invalid reply after 3 tries" in failed["error"]
+            assert failed["model"] == REV_B and "invalid reviewer reply after 3 tries" in failed["error"]
         assert fake_server.stats()["models"][REV_B] == 2 * 3  # first try + 2 re-asks each
 
     def test_no_valid_review_fails_the_task_with_reason(

@@ -110,7 +110,7 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
         self._send(500, {"error": {"message": f"upstream refused the key {self._key()}"}},
                    {"Retry-After": "0"})
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -233,7 +233,8 @@ def test_the_key_appears_nowhere(tmp_path: Path, echo_server: str) -> None:
 
         # 5. A server that echoes the key back in its 401 and 500 bodies.
         echo_roles = {"generator": [(ECHO_MODEL, echo_server)]}
-        echo_config = write_config(tmp_path / "echo.toml", echo_roles, cooldown=0.05)
+        # No cooldown within one call's 7 attempts: the failure comes fast (cooldowns double).
+        echo_config = write_config(tmp_path / "echo.toml", echo_roles, cooldown_after=50)
         (tmp_path / "echo.toml").write_text(
             (tmp_path / "echo.toml").read_text() + "[run]\nmax_tasks = 2\n")
         echoed = transcript.gra("doctor", "--config", str(echo_config), key=WRONG, expect=2)

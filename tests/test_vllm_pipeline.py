@@ -11,8 +11,8 @@ every planned task ended accepted/rejected/failed with a reason and that real
 generate -> review cycles happened.
 
 Skipped when servers/cpu-vllm/setup.sh has not been run, unless GRA_REQUIRE_VLLM=1.
-Runtime: ~35-70 s server start (shared with tests/test_vllm_server.py in one pytest process),
-then ~40-60 s of runs on 2 cores.
+Runtime (2 cores, load 4-8): server start 32-53 s (shared with tests/test_vllm_server.py in
+one pytest process), the 3-task run 21-25 s, everything else ~5 s: 61-85 s for the module.
 """
 
 from __future__ import annotations
@@ -77,21 +77,23 @@ MAX_TASKS = 3  # the pipeline run: 3 tasks ~ 30 s on 2 cores
 TARGET = 2
 MAX_TASKS_400 = 2
 
-# Bounded so one run stays ~30 s; 256/200 leave room for valid JSON most of the time.
+GEN_TOKENS, REVIEW_TOKENS, VERDICT_TOKENS = 256, 200, 128
+# Bounded so one run stays ~20-30 s on 2 cores.
 RUN_TOML = f"""\
 [run]
 max_tasks = {MAX_TASKS}
 
 [generation]
-max_tokens = 256
-review_max_tokens = 200
-verdict_max_tokens = 128
+max_tokens = {GEN_TOKENS}
+review_max_tokens = {REVIEW_TOKENS}
+verdict_max_tokens = {VERDICT_TOKENS}
 """
 
+# The schemas the pipeline sends for RUN_TOML's budgets (string caps follow max_tokens).
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "generator": generation_schema(),
-    "reviewer": review_schema(CRITERIA),
-    "adjudicator": verdict_schema(),
+    "generator": generation_schema(GEN_TOKENS),
+    "reviewer": review_schema(CRITERIA, REVIEW_TOKENS),
+    "adjudicator": verdict_schema(VERDICT_TOKENS),
 }
 
 
@@ -296,7 +298,8 @@ def test_journal_replies_match_the_json_schemas(pipeline_run: PipelineRun) -> No
         if call["finish_reason"] == "stop":
             assert schema_errors(call["role"], call["content"]) == [], call
         else:
-            assert call["completion_tokens"] in (256, 200, 128), call  # cut at our max_tokens
+            # cut exactly at the role's budget
+            assert call["completion_tokens"] in (GEN_TOKENS, REVIEW_TOKENS, VERDICT_TOKENS), call
     by_task: dict[str, set[str]] = {}
     for call in calls:
         if call["finish_reason"] == "stop":
@@ -404,15 +407,6 @@ def test_max_tokens_over_context_fails_each_task_once(max_tokens_run: MaxTokensR
         assert "max_tokens=4096 cannot be greater than max_model_len=2048" in row["reason"]
 
 
-# The known-bug tests below fail through pytest.fail only (xfail raises=...): a broken
-# precondition is an AssertionError and fails the test for real; once the bug is fixed,
-# strict XPASS fails too, as a reminder to drop the marker.
-KNOWN_BUG = pytest.fail.Exception
-
-
-@pytest.mark.xfail(strict=True, raises=KNOWN_BUG, reason=(
-    "bug: report.py status_report (and pipeline.py Progress.failures) group failure reasons by "
-    "reason.split(':')[0], which cuts 'gen@http://...: HTTP 400 ...' at 'http'"))
 def test_status_failures_name_the_400(max_tokens_run: MaxTokensRun) -> None:
     """`status --json` failures should say why tasks failed (the 400), not just 'gen@http'."""
     failures = status(max_tokens_run.run_dir)["failures"]
@@ -421,9 +415,6 @@ def test_status_failures_name_the_400(max_tokens_run: MaxTokensRun) -> None:
         pytest.fail(f"status --json failures lost the HTTP 400: {failures}")
 
 
-@pytest.mark.xfail(strict=True, raises=KNOWN_BUG, reason=(
-    "bug: scoring.extract_json salvages the nested complete `scores` object from a review cut "
-    "at max_tokens, so a finish_reason=length reply counts as a valid review"))
 def test_review_cut_at_max_tokens_is_not_a_valid_review(server: Any) -> None:
     """A real vLLM review cut inside its feedback ("length") must be an invalid reply, not a
     review with its feedback silently lost (DESIGN.md §4)."""
