@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -31,10 +32,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gra_async.defaults import CRITERIA
 from gra_async.testing.fake_server import FakeServerProcess
@@ -43,6 +44,7 @@ MODELS = ("gen-a", "rev-b", "rev-c", "adj-d")
 REVIEW = json.dumps({"scores": dict.fromkeys(CRITERIA, 9), "feedback": "ok"})
 SCORE_RULES = [{"contains": "Score the sample", "content": REVIEW}]
 Row = tuple[str, str, str, str]  # part, figure, value, target
+T = TypeVar("T")
 
 
 # --- (a) rate -------------------------------------------------------------------------------
@@ -228,10 +230,10 @@ def _census(label: str, accepted: int = 0) -> Census:
 async def _leak_runs(url: str, runs: int, target: int, root: Path) -> list[Census]:
     import gc
 
-    from gra_async.config import load_config
+    from gra_async.config import RunConfig, load_config
     from gra_async.runner import open_run
 
-    def config(run_dir: Path, goal: int) -> Any:
+    def config(run_dir: Path, goal: int) -> RunConfig:
         endpoints = {
             "generator": [{"base_url": url, "model": "gen-a", "read_timeout": 1.0}],
             "reviewer": [{"base_url": url, "model": m, "read_timeout": 1.0}
@@ -243,10 +245,25 @@ async def _leak_runs(url: str, runs: int, target: int, root: Path) -> list[Censu
             "endpoints": endpoints,
         })
 
+    peak = Census("peak during runs", 0, 0, 0, 0)
+
+    async def sample() -> None:
+        while True:
+            now = _census("")
+            peak.fds, peak.tasks = max(peak.fds, now.fds), max(peak.tasks, now.tasks - 1)
+            peak.threads = max(peak.threads, now.threads)
+            await asyncio.sleep(0.02)
+
     async def one(run_dir: Path, goal: int) -> int:
-        async with open_run(config(run_dir, goal)) as run:
-            await run.pipeline.run()
-            return run.pipeline.progress.accepted
+        sampler = asyncio.create_task(sample())
+        try:
+            async with open_run(config(run_dir, goal)) as run:
+                await run.pipeline.run()
+                return run.pipeline.progress.accepted
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
 
     # A warm-up run loads every lazy import and module-level cache before counting starts.
     await one(root / "warm-up", 5)
@@ -259,7 +276,7 @@ async def _leak_runs(url: str, runs: int, target: int, root: Path) -> list[Censu
         await asyncio.sleep(0.2)  # let closed transports finish their callbacks
         gc.collect()
         rows.append(_census(f"after run {i + 1}", accepted))
-    return rows
+    return [*rows, peak]
 
 
 def bench_leaks(runs: int, target: int) -> list[Census]:
@@ -273,13 +290,14 @@ def bench_leaks(runs: int, target: int) -> list[Census]:
         server.close()
 
 
-def _asyncio_run(factory: Callable[[], Any]) -> Any:
+def _asyncio_run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """uvloop when installed, as the CLI runs."""
     try:
         import uvloop
-
-        return uvloop.run(factory())
     except ImportError:
         return asyncio.run(factory())
+    result: T = uvloop.run(factory())
+    return result
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -288,8 +306,8 @@ def _asyncio_run(factory: Callable[[], Any]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["rate", "memory", "leaks"],
-                        choices=["rate", "memory", "leaks"])
+    parser.add_argument("parts", nargs="*", metavar="rate|memory|leaks",
+                        help="which parts to run (default: all three)")
     parser.add_argument("--rpm", type=int, default=1200, help="server limit = configured rpm")
     parser.add_argument("--seconds", type=float, default=90.0, help="rate: how long to drive")
     parser.add_argument("--rate-workers", type=int, default=64)
@@ -305,6 +323,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--leak-target", type=int, default=60)
     args = parser.parse_args()
+    args.parts = args.parts or ["rate", "memory", "leaks"]
+    if unknown := set(args.parts) - {"rate", "memory", "leaks"}:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
 
     rows: list[Row] = []
     print(f"cores={os.cpu_count()} python={sys.version.split()[0]}")
@@ -337,10 +358,10 @@ def main() -> None:
         ]
     if "leaks" in args.parts:
         census = bench_leaks(args.runs, args.leak_target)
-        print(f"{'leaks':<14}{'fds':>6}{'tasks':>7}{'threads':>9}{'accepted':>10}")
+        print(f"{'leaks':<18}{'fds':>6}{'tasks':>7}{'threads':>9}{'accepted':>10}")
         for c in census:
-            print(f"{c.label:<14}{c.fds:>6}{c.tasks:>7}{c.threads:>9}{c.accepted:>10}")
-        first, last = census[0], census[-1]
+            print(f"{c.label:<18}{c.fds:>6}{c.tasks:>7}{c.threads:>9}{c.accepted:>10}")
+        first, last = census[0], census[-2]
         rows += [
             ("leaks", "open fds before -> after last run", f"{first.fds} -> {last.fds}", "equal"),
             ("leaks", "asyncio tasks before -> after", f"{first.tasks} -> {last.tasks}", "equal"),

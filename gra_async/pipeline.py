@@ -113,8 +113,6 @@ class Pipeline:
         planner: Planner,
         journal: Journal,
         dedup: Deduplicator,
-        *,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.team = team
@@ -122,7 +120,6 @@ class Pipeline:
         self.planner = planner
         self.journal = journal
         self.dedup = dedup
-        self._clock = clock
         self._slots = asyncio.Semaphore(config.run.concurrency)
         self._cache: dict[str, CallRecord] = {}
         self._finished: set[str] = set()
@@ -303,7 +300,7 @@ class Pipeline:
                                     "reason": verdict.reason}
             self.progress.adjudicated += 1
             decision = Decision.ACCEPT if verdict.decision == "accept" else Decision.REJECT
-        elif decision is Decision.ADJUDICATE:  # --no-adjudicator: the mean decides
+        elif decision is Decision.ADJUDICATE:  # no adjudicator endpoint: the mean decides
             decision = Decision.ACCEPT if panel and panel.mean >= gate.accept_mean else Decision.REJECT
         else:
             self._record(task, "reviewed", base)

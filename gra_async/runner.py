@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 
 from gra_async.client import AiohttpTransport, EndpointStats
-from gra_async.config import GenerationConfig, RunConfig
+from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.pipeline import Pipeline, plan_size
 from gra_async.planner import Planner, assign_domains, load_seeds
@@ -73,7 +74,24 @@ async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
             "endpoints": {"generator": (endpoint,), "reviewer": (endpoint,),
                           "adjudicator": (endpoint,)},
             "generation": _local_budgets(config.generation),
+            "gate": _local_gate(config.gate),
         })
+
+
+# Measured with the bundled prompts at temperature 0: SmolLM2-135M gives a mean of ~3.5 to
+# correct answers and to nonsense alike (it mostly fills the score enum in order), so the
+# 7.0 bar would reject every sample. The demo shows the machinery on real model output;
+# real data needs 7-8B models, which get the real bar.
+_LOCAL_ACCEPT_MEAN = 3.0
+
+
+def _local_gate(gate: GateConfig) -> GateConfig:
+    if "accept_mean" in gate.model_fields_set:
+        return gate
+    print(f"embedded demo model: accept_mean lowered to {_LOCAL_ACCEPT_MEAN} (a 135M reviewer "
+          "scores right and wrong answers alike; configure 7-8B endpoints for real data)",
+          file=sys.stderr)
+    return gate.model_copy(update={"accept_mean": _LOCAL_ACCEPT_MEAN})
 
 
 def _local_budgets(generation: GenerationConfig) -> GenerationConfig:

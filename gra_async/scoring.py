@@ -297,7 +297,7 @@ def extract_json(text: str) -> Any:
         return orjson.loads(stripped)
     except orjson.JSONDecodeError:
         pass
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)  # small models put raw newlines inside strings
     start = stripped.find("{")
     while start != -1:
         try:

@@ -61,8 +61,9 @@ def mixed_panel_rules() -> list[dict[str, Any]]:
 
 
 def toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value).lower() \
-        if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def write_config(
@@ -188,7 +189,7 @@ def assert_books_balance(
 def good_replies(server: FakeServer) -> int:
     """Chat replies the server answered 200 with a whole body (probes and malformed ones out)."""
     stats = server.stats()
-    probes = stats["requests"] - stats["chat_requests"]  # GET /v1/models, when never down
+    probes = int(stats["requests"]) - int(stats["chat_requests"])  # GET /v1/models (never down)
     return int(stats["status"].get("200", 0)) - probes - int(stats["faults"].get("malformed", 0))
 
 
@@ -303,7 +304,7 @@ def test_truncated_replies(
     failed_reviews = [f for r in books.rows for f in r.get("failed_reviews", [])]
     assert failed or failed_reviews, "at 50% truncation some call should run out of budget"
     for item in [*(r["reason"] for r in failed), *(f["error"] for f in failed_reviews)]:
-        assert "invalid reply after 3 tries" in item and "cut off at max_tokens" in item, item
+        assert "after 3 tries" in item and "cut off" in item, item
     for row in books.rows:
         for rev in row["reviews"]:
             assert set(rev["scores"]) == set(CRITERIA)
@@ -336,11 +337,15 @@ def test_schema_breaking_replies(
     assert [r["decision"] for r in rows] == ["failed", "failed", "failed", "accept", "failed",
                                              "accept", "accept"]
     reasons = [str(r.get("reason", "")) for r in rows]
-    assert reasons[0] == (f"generator {GEN}: invalid reply after 3 tries: "
-                          "instruction is empty"), reasons[0]
-    assert reasons[1] == reasons[2] == (f"no valid review: reviewer {REV_B}: invalid reply "
-                                        "after 3 tries: not JSON")
-    assert reasons[4].startswith(f"adjudicator {ADJ}: invalid reply after 3 tries: decision")
+
+    def says(reason: str, *parts: str) -> bool:
+        return all(part in reason for part in parts)
+
+    assert says(reasons[0], "generator", GEN, "after 3 tries", "instruction is empty"), reasons
+    assert reasons[1] == reasons[2], reasons
+    assert reasons[1].startswith("no valid review"), reasons
+    assert says(reasons[1], "reviewer", REV_B, "after 3 tries", "not JSON"), reasons
+    assert says(reasons[4], "adjudicator", ADJ, "after 3 tries", "decision"), reasons
     # Task 3: rev-c's out-of-range scores are a recorded failed review, never a zero score;
     # rev-b alone decides.
     lone = rows[3]

@@ -160,18 +160,19 @@ def snapshot_while_running(run_dir: Path, into: Path, proc: subprocess.Popen[byt
     return copies
 
 
-def flap(server: FakeServerProcess, stop: threading.Event) -> None:
+def flap(server: FakeServerProcess, stop: threading.Event, cycles: int = 4) -> None:
     """Once the run is past its start-up probe: down (503), up, down (connections reset),
-    up ... until told to stop. (Down at start-up would be a clean exit 2, by design.)"""
+    up ... for a few cycles. (Down at start-up would be a clean exit 2, by design.) A bounded
+    number of outages keeps the cooldown, which doubles per failed probe, short."""
     while server.stats()["chat_requests"] < 5 and not stop.wait(0.05):
         pass
     modes = ("503", "reset")
-    i = 0
-    while not stop.wait(0.3):
+    for i in range(cycles):
+        if stop.wait(0.3):
+            return
         server.control(down=True, down_mode=modes[i % 2])
         stop.wait(0.25)
         server.control(down=False)
-        i += 1
 
 
 # --- the test --------------------------------------------------------------------------------
