@@ -258,9 +258,13 @@ class Pipeline:
         }
         # A copy of one of its own few-shot seeds (what small models do most), or of an
         # accepted sample, is not a new sample: stop before paying for reviews.
-        dup = copied_from(_dedup_text(base), {f"seed:{s.id}": _dedup_text(
-            {"instruction": s.instruction, "response": s.response}) for s in examples},
-            self.dedup.threshold)
+        # The instruction alone counts too: a task copied from an example is not new,
+        # whatever answer comes with it.
+        threshold = self.dedup.threshold
+        dup = copied_from(sample.instruction, {f"seed:{s.id}": s.instruction for s in examples},
+                          threshold) or copied_from(_dedup_text(base), {f"seed:{s.id}": _dedup_text(
+                              {"instruction": s.instruction, "response": s.response})
+                              for s in examples}, threshold)
         if dup is None:
             dup = (await self._dedup_index()).check(task.id, _dedup_text(base))
         if dup is not None:

@@ -226,16 +226,18 @@ class TestDedup:
             {"model": GEN, "content": sample(text.replace("numbers", "integers"), answer),
              "times": 1},  # near copy
             {"model": GEN, "content": sample(seed_text, seed_answer), "times": 1},  # seed copy
+            {"model": GEN, "content": sample(seed_text, "Lyon, for its food."), "times": 1},
         ])
         run_ok(fixed_args(fake_server, tmp_path / "run", "--target", "3", "--seeds", str(seeds),
                           "--concurrency", "1"), capsys)
         rows = exported(tmp_path / "run", "--all")
         by_id = {r["id"]: r for r in rows}
-        first_four = [by_id[f"r1-{i:07d}"] for i in range(4)]
-        assert [r["decision"] for r in first_four] == ["accept", "duplicate", "duplicate", "duplicate"]
-        assert first_four[1]["duplicate_of"] == first_four[0]["id"]
-        assert first_four[2]["duplicate_of"] == first_four[0]["id"]
-        assert first_four[3]["duplicate_of"].startswith("seed:")
+        first = [by_id[f"r1-{i:07d}"] for i in range(5)]
+        assert [r["decision"] for r in first] == ["accept"] + ["duplicate"] * 4
+        assert first[1]["duplicate_of"] == first[0]["id"]
+        assert first[2]["duplicate_of"] == first[0]["id"]
+        assert first[3]["duplicate_of"].startswith("seed:")  # the whole seed copied
+        assert first[4]["duplicate_of"].startswith("seed:")  # its instruction copied
         assert sum(r["decision"] == "accept" for r in rows) == 3
 
 
