@@ -329,6 +329,27 @@ def test_short_max_tokens_cuts_the_json(server: LocalModelServer, http: httpx.Cl
 
 
 @pytest.mark.slow
+def test_two_replicas_run_side_by_side(tmp_path: Path) -> None:
+    """One one-thread server per core is how the embedded default scales (see local.py)."""
+    _require_local_backend()
+
+    async def main() -> None:
+        async with (
+            LocalModelServer(log_dir=tmp_path, log_name="a.log") as first,
+            LocalModelServer(log_dir=tmp_path, log_name="b.log") as second,
+        ):
+            assert first.base_url != second.base_url
+            assert first.model == second.model == DEFAULT_ALIAS
+            async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
+                for running in (first, second):
+                    assert (await client.get(f"{running.base_url}/models")).is_success
+
+    anyio.run(main)
+    assert (tmp_path / "a.log").stat().st_size > 0
+    assert (tmp_path / "b.log").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_stop_leaves_no_process() -> None:
     _require_local_backend()
 
