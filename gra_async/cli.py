@@ -200,7 +200,12 @@ async def _doctor(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     if not config.has_endpoints:
         raise ConfigError("doctor: no endpoint configured (pass --config or --endpoint)")
-    return EXIT_OK if await doctor(config, sys.stdout) else EXIT_USER
+    failed = await doctor(config, sys.stdout)
+    if failed:
+        print(f"error: doctor: {failed} endpoint(s) not usable (see the lines above)",
+              file=sys.stderr)
+        return EXIT_USER
+    return EXIT_OK
 
 
 def _asyncio_run(coro: Any) -> int:

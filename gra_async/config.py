@@ -63,6 +63,12 @@ class EndpointConfig(_Strict):
     @classmethod
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:
+            # Not echoed: the part before the @ is a user name and maybe a key.
+            raise ValueError(
+                "must not carry credentials (user:key@host); put the key in an environment "
+                "variable and name it with api_key_env"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
         try:
@@ -207,9 +213,9 @@ def load_config(
 ) -> RunConfig:
     """Build the run config from file, environment and flag overrides (nested dicts)."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    sources: list[str] = []
     if path is not None:
-        source = str(path)
+        sources.append(str(path))
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -221,10 +227,11 @@ def load_config(
     env = _env_overrides(os.environ if environ is None else environ)
     if env:
         data = _merge(data, env)
-        source += " + GRA_* environment"
+        sources.append("GRA_* environment")
     if overrides:
         data = _merge(data, overrides)
-        source += " + flags"
+        sources.append("flags")
+    source = " + ".join(sources) or "defaults"
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -58,8 +58,8 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
     return True, f"{detail}, {config.json_mode} output ok"
 
 
-async def doctor(config: RunConfig, out: TextIO) -> bool:
-    """Check every distinct endpoint; True when all pass."""
+async def doctor(config: RunConfig, out: TextIO) -> int:
+    """Check every distinct endpoint, one line each; return how many failed."""
     seen: dict[tuple[str, str | None], tuple[str, EndpointConfig]] = {}
     for role in ROLES:
         for endpoint in config.endpoints.get(role, ()):
@@ -71,4 +71,4 @@ async def doctor(config: RunConfig, out: TextIO) -> bool:
         await transport.aclose()
     for (first_role, _), (ok, line) in zip(seen.values(), results, strict=True):
         print(f"{'ok  ' if ok else 'FAIL'} {first_role:<12}{line}", file=out)
-    return all(ok for ok, _ in results)
+    return sum(not ok for ok, _ in results)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
+import re
 import sys
 import tempfile
 from collections import deque
@@ -70,7 +70,7 @@ STARTUP_TIMEOUT: Final = 60.0  # seconds; measured ready in ~1 s
 STOP_TIMEOUT: Final = 5.0  # seconds between SIGTERM and SIGKILL
 LOG_TAIL_LINES: Final = 15
 _POLL_INTERVAL: Final = 0.1
-_PORT_ATTEMPTS: Final = 3  # the free port we pick can be taken before the server binds it
+_LISTENING: Final = re.compile(r"Uvicorn running on https?://\S+?:(\d+)")
 
 # Modules that `pip install 'llama-cpp-python[server]'` provides and the server imports.
 _SERVER_MODULES: Final = (
@@ -86,6 +86,9 @@ _SERVER_MODULES: Final = (
 # (prctl PR_SET_PDEATHSIG), so a kill -9 of gra-async leaves no 300 MB server holding a port.
 # The server lives in its own session so that Ctrl-C reaches gra-async alone, which keeps
 # the model serving through its grace period and then stops it here.
+# The server also reads every setting from an environment variable of the same name (pydantic
+# settings, plus HOST, PORT and CONFIG_FILE, which beat the flags): measured, an API_KEY in the
+# user's shell made it answer 401, and a PORT moved it off the port we watch. Those go.
 _BOOTSTRAP: Final = """\
 import os, runpy, signal, sys
 parent = int(sys.argv.pop(1))
@@ -97,6 +100,10 @@ if sys.platform.startswith("linux"):
         pass
 if os.getppid() != parent:
     sys.exit(0)
+from llama_cpp.server.settings import Settings
+names = {name.lower() for name in Settings.model_fields} | {"host", "port", "config_file"}
+for key in [key for key in os.environ if key.lower() in names]:
+    del os.environ[key]
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
 
@@ -134,13 +141,6 @@ def find_model_file() -> Path:
         if candidate.is_file():
             return candidate
     raise ConfigError(f"{MODEL_PACKAGE} has no {MODEL_FILENAME}; reinstall it: {INSTALL_HINT}")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def usable_cores() -> int:
@@ -190,6 +190,7 @@ class LocalModelServer:
         self.alias = alias
         self.host = host
         self.port = port
+        self._requested_port = port
         # One thread: on an idle 2-core machine two threads decode a lone reply ~1.5x faster
         # (0.53 s vs 0.78 s for 64 tokens), but ggml's threads spin on barriers, so any other
         # load (gra-async itself, a second server) makes two threads slower than one, down to
@@ -204,6 +205,7 @@ class LocalModelServer:
         self.log_path: Path | None = None
         self._process: anyio.abc.Process | None = None
         self._temp_log = False
+        self._log_offset = 0
 
     @property
     def base_url(self) -> str:
@@ -287,24 +289,12 @@ class LocalModelServer:
         else:
             model_path = self.model_path
             _require_server()
-        fixed_port = self.port
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = fixed_port or _free_port(self.host)
-            self.port = port
-            try:
-                await self._spawn(port, model_path)
-                await self._wait_ready()
-                return
-            except _PortTaken:
-                await self.stop()
-                if fixed_port is not None or attempt == _PORT_ATTEMPTS:
-                    raise UnreachableError(
-                        f"local model server: port {port} on {self.host} is in use",
-                        endpoint=self.base_url,
-                    ) from None
-            except BaseException:
-                await self.stop()
-                raise
+        try:
+            await self._spawn(self._requested_port or 0, model_path)
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after `stop_timeout`. Safe to repeat."""
@@ -324,7 +314,9 @@ class LocalModelServer:
             self.log_path.unlink(missing_ok=True)
 
     async def _spawn(self, port: int, model_path: Path) -> None:
+        self.port = port or None  # port 0: the kernel picks one, read back from the log
         log = self._open_log()
+        self._log_offset = log.tell()
         try:
             self._process = await anyio.open_process(
                 self.command(port, model_path),
@@ -341,7 +333,9 @@ class LocalModelServer:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.log_path = self.log_dir / self.log_name
             self._temp_log = False
-            return self.log_path.open("ab")
+            appended = self.log_path.open("ab")
+            appended.seek(0, os.SEEK_END)  # the offset from which to look for this run's port
+            return appended
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the child, closed after
             prefix=f"gra-local-{self.alias}-", suffix=".log", delete=False
         )
@@ -351,41 +345,63 @@ class LocalModelServer:
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
-        url = f"{self.base_url}/models"
         deadline = anyio.current_time() + self.startup_timeout
         # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback calls.
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
             while True:
                 code = self._process.returncode
                 if code is not None:
-                    tail = _tail(self.log_path) if self.log_path else ""
-                    if "address already in use" in tail.lower():
-                        raise _PortTaken
                     raise UnreachableError(
                         f"local model server exited with code {code} before answering "
-                        f"(log: {self.log_path}); last lines:\n{tail}",
-                        endpoint=self.base_url,
+                        f"(log: {self.log_path}); last lines:\n{self._log_tail()}",
+                        endpoint=self._label,
                     )
-                try:
-                    response = await client.get(url)
-                    if response.status_code == 200 and self.alias in _model_ids(response):
-                        return
-                    if response.status_code == 401:
-                        return  # started with --api_key: it answers, and guards its models
-                except httpx.TransportError:
-                    pass  # not listening yet
+                if self.port is None:
+                    self.port = self._port_from_log()
+                if self.port is not None and await self._answers(client):
+                    return
                 if anyio.current_time() > deadline:
                     raise UnreachableError(
-                        f"local model server did not answer {url} within "
+                        f"local model server did not answer on {self._label} within "
                         f"{self.startup_timeout:.0f} s (log: {self.log_path}); last lines:\n"
-                        f"{_tail(self.log_path) if self.log_path else ''}",
-                        endpoint=self.base_url,
+                        f"{self._log_tail()}",
+                        endpoint=self._label,
                     )
                 await anyio.sleep(_POLL_INTERVAL)
 
+    async def _answers(self, client: httpx.AsyncClient) -> bool:
+        try:
+            response = await client.get(f"{self.base_url}/models")
+        except httpx.TransportError:
+            return False  # not listening yet
+        if response.status_code == 401:
+            return True  # started with --api_key: it answers, and guards its models
+        return response.status_code == 200 and self.alias in _model_ids(response)
 
-class _PortTaken(Exception):
-    """The server lost the race for the port we picked; pick another."""
+    def _port_from_log(self) -> int | None:
+        """The port uvicorn bound, from its "Uvicorn running on http://HOST:PORT" line.
+
+        The server binds port 0 itself: a port we picked and released could be taken by
+        another process during the ~1 s the model takes to load, and our readiness poll
+        would then be answered by a stranger.
+        """
+        if self.log_path is None:
+            return None
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self._log_offset)
+                text = handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            return None
+        found = _LISTENING.search(text)
+        return int(found.group(1)) if found else None
+
+    def _log_tail(self) -> str:
+        return _tail(self.log_path) if self.log_path is not None else ""
+
+    @property
+    def _label(self) -> str:
+        return f"http://{self.host}:{self.port or '?'}/v1"
 
 
 def _model_ids(response: httpx.Response) -> list[str]:

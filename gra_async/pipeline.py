@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar
 
+from gra_async.accounting import failure_kind, token_cost
 from gra_async.client import ChatRequest, EndpointPool
 from gra_async.config import Role, RunConfig
 from gra_async.dedup import Deduplicator, copied_from
@@ -43,7 +43,7 @@ from gra_async.scoring import (
 from gra_async.store import CallRecord, Journal, SampleRecord, call_key
 from gra_async.team import Team
 
-__all__ = ["Pipeline", "Progress", "failure_kind", "plan_size", "token_cost"]
+__all__ = ["Pipeline", "Progress", "plan_size"]
 
 T = TypeVar("T")
 
@@ -83,19 +83,6 @@ class Progress:
     def cost(self) -> float | None:
         """This session's spend from the configured prices; None when no price is set."""
         return token_cost(self.tokens, self.prices)
-
-
-def token_cost(
-    tokens: Counter[tuple[str, str, str]] | dict[tuple[str, str, str], int],
-    prices: dict[str, tuple[float, float]],
-) -> float | None:
-    if not any(p_in or p_out for p_in, p_out in prices.values()):
-        return None
-    total = 0.0
-    for (_, model, direction), n in tokens.items():
-        p_in, p_out = prices.get(model, (0.0, 0.0))
-        total += n * (p_in if direction == "in" else p_out) / 1e6
-    return total
 
 
 def plan_size(config: RunConfig) -> int:
@@ -237,6 +224,7 @@ class Pipeline:
             kind = failure_kind(reason)
             self._record(task, "failed", {"decision": "failed", "reason": reason, "failure": kind})
             self.progress.failures[kind] += 1
+            self.progress.failed += 1
         finally:
             self.progress.in_progress -= 1
             self._running.pop(task.id, None)
@@ -366,24 +354,36 @@ class Pipeline:
     ) -> tuple[T, CallRecord]:
         """A call whose reply must parse; an invalid reply is asked again, within a budget."""
         budget = self.config.gate.invalid_reply_retries
+        asked, max_tokens = messages, self._max_tokens(role)
         for attempt in range(budget + 1):
-            record = await self._call(task, role, model, messages, f"{slot}/{attempt}")
+            record = await self._call(task, role, model, asked, f"{slot}/{attempt}", max_tokens)
             if record.finish_reason == "length":
-                # Whatever parses out of a reply cut at max_tokens is not the whole reply.
+                # Whatever parses out of a cut reply is not the whole reply; the same request
+                # would be cut again, so the next one gets twice the room.
                 reason = "reply cut off at max_tokens (raise the role's max_tokens)"
+                max_tokens *= 2
                 continue
             try:
                 return parse(record.content), record
             except InvalidReply as exc:
                 reason = exc.reason
+            # At temperature 0 the same request gets the same reply: show the model what it
+            # wrote and what was wrong with it.
+            asked = [*messages, {"role": "assistant", "content": record.content[:2000]},
+                     {"role": "user", "content": f"That reply was not valid ({reason}). Reply "
+                      "again with only the JSON object, in the shape asked for."}]
         raise TaskFailed(f"invalid {role} reply after {budget + 1} tries from {model}: {reason}")
 
+    def _max_tokens(self, role: Role) -> int:
+        gen = self.config.generation
+        return {"generator": gen.max_tokens, "reviewer": gen.review_max_tokens,
+                "adjudicator": gen.verdict_max_tokens}[role]
+
     async def _call(
-        self, task: Task, role: Role, model: str, messages: list[dict[str, str]], slot: str
+        self, task: Task, role: Role, model: str, messages: list[dict[str, str]], slot: str,
+        max_tokens: int,
     ) -> CallRecord:
         gen = self.config.generation
-        max_tokens = {"generator": gen.max_tokens, "reviewer": gen.review_max_tokens,
-                      "adjudicator": gen.verdict_max_tokens}[role]
         temperature = gen.temperature if role == "generator" else gen.review_temperature
         fmt = response_format(f"gra_{role}", self._schemas[role],
                               self.team.json_modes.get(model, "json_schema"))  # type: ignore[arg-type]
@@ -412,14 +412,6 @@ class Pipeline:
         self.journal.record_sample(
             SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids, body)
         )
-
-
-_LABEL = re.compile(r"^\S+@\S+?: ")
-
-
-def failure_kind(reason: str) -> str:
-    """A failure reason without its endpoint and details, to count failures by kind."""
-    return _LABEL.sub("", reason).split(": ")[0].split(" (")[0][:80]
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

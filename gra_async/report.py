@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
+from gra_async.accounting import failure_kind, token_cost
 from gra_async.errors import RunDirError
-from gra_async.pipeline import failure_kind, token_cost
 from gra_async.store import JournalReader, SampleRecord
 
 __all__ = ["export", "format_status", "sample_row", "status_report"]

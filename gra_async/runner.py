@@ -118,24 +118,30 @@ class Run:
 
 @contextlib.asynccontextmanager
 async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[Run]:
-    """Everything a run needs, validated before any task starts (bad input fails here)."""
+    """Everything a run needs, validated before any task starts (bad input fails here).
+
+    The endpoints are probed before the journal is opened: a start that fails on a wrong
+    model name must not record that config as the run directory's own.
+    """
     prompts = PromptSet.load(config.prompts_dir)
     seeds = assign_domains(load_seeds(config.planner.seeds, config.planner),
                            config.planner.domains, config.run.seed)
-    journal = Journal.open(config.run.run_dir, snapshot(config), force=force)
     transport = AiohttpTransport()
     try:
         async with _backend(config) as live:
             team = await build_team(live, transport)
-            dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
-            planner = Planner(seeds, config.run.seed, config.generation.few_shot)
-            pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
-            pipeline.resume_state()
-            journal.start()
-            journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
-            journal.set_meta("target", str(config.run.target))
-            journal.set_meta("prices", orjson.dumps(team.prices).decode())
-            yield Run(live, journal, team, pipeline)
+            journal = Journal.open(config.run.run_dir, snapshot(config), force=force)
+            try:
+                dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
+                planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+                pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
+                pipeline.resume_state()
+                journal.start()
+                journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
+                journal.set_meta("target", str(config.run.target))
+                journal.set_meta("prices", orjson.dumps(team.prices).decode())
+                yield Run(live, journal, team, pipeline)
+            finally:
+                await journal.close()
     finally:
         await transport.aclose()
-        await journal.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -129,6 +130,8 @@ def _disk_error(run_dir: Path, exc: BaseException) -> RunDirError:
         hint = "the disk is full; free space and run the same command again to resume"
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text:
         hint = "the run directory is not writable; fix its permissions or pass another --run-dir"
+    elif code in (errno.EEXIST, errno.ENOTDIR):
+        hint = "it is a file, not a directory; pass another --run-dir"
     else:
         hint = f"{exc.strerror if isinstance(exc, OSError) else text}; run the same command again to resume"
     return RunDirError(f"{run_dir}: cannot write the journal ({hint})")
@@ -212,9 +215,10 @@ _STOP = object()
 class Journal:
     """The writable journal of one run directory, with its single writer thread."""
 
-    def __init__(self, run_dir: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection, lock: int) -> None:
         self.run_dir = run_dir
         self._conn = conn
+        self._lock = lock
         self._queue: queue.SimpleQueue[_Op | object | asyncio.Future[None]] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
@@ -232,12 +236,14 @@ class Journal:
             probe.unlink()
         except OSError as exc:
             raise _disk_error(run_dir, exc) from None
+        lock = _lock(run_dir)
         digest = config_hash(snapshot)
         try:
             conn = _connect(run_dir / "journal.sqlite", readonly=False)
             conn.executescript(_SCHEMA)
             stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
+            os.close(lock)
             raise RunDirError(
                 f"{run_dir / 'journal.sqlite'}: not a readable journal ({exc}); "
                 "use a new --run-dir"
@@ -247,6 +253,7 @@ class Journal:
             before = orjson.loads(stored.get("config", "{}"))
             changed = ", ".join(_diff_keys(before, snapshot)) or "unknown keys"
             conn.close()
+            os.close(lock)
             raise RunDirError(
                 f"{run_dir}: this run directory was created with a different config "
                 f"(changed: {changed}); pass --force or use a new --run-dir"
@@ -265,8 +272,9 @@ class Journal:
                               orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         except (sqlite3.DatabaseError, OSError) as exc:
             conn.close()
+            os.close(lock)
             raise _disk_error(run_dir, exc) from None
-        journal = cls(run_dir, conn)
+        journal = cls(run_dir, conn, lock)
         journal.reset_in_progress()
         return journal
 
@@ -355,6 +363,7 @@ class Journal:
         with contextlib.suppress(sqlite3.DatabaseError):
             self.reset_in_progress()
         self._conn.close()
+        os.close(self._lock)
         self._check()
 
     def _check(self) -> None:
@@ -419,6 +428,23 @@ def _diff_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str 
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _lock(run_dir: Path) -> int:
+    """One writer per run directory: two runs on one journal would do the work twice."""
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(
+            f"{run_dir}: in use by another run (pid {holder}); wait for it to finish, "
+            "or pass another --run-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

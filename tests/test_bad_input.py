@@ -203,10 +203,6 @@ def test_model_not_served(server: FakeServerProcess, tmp_path: Path) -> None:
                       "it serves: gen-a")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Journal.open stores the config before build_team probes the endpoints, so a run "
-    "refused at the door (typo in a model name) poisons its run directory: the corrected "
-    "command is then refused as 'a different config'"))
 def test_failed_start_does_not_poison_the_run_dir(
     server: FakeServerProcess, tmp_path: Path
 ) -> None:
@@ -219,10 +215,6 @@ def test_failed_start_does_not_poison_the_run_dir(
     assert fixed.code == 0, fixed.err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: EndpointConfig accepts credentials in the URL (http://user:KEY@host/v1) and the "
-    "endpoint label built from base_url prints them in errors, the progress table and the "
-    "journal's calls.endpoint column"))
 def test_credentials_in_url_are_refused_without_echo(
     server: FakeServerProcess, tmp_path: Path
 ) -> None:
@@ -341,9 +333,6 @@ def test_run_dir_is_a_file(server: FakeServerProcess, tmp_path: Path) -> None:
     assert_user_error(out, str(run_dir), "cannot write the journal")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: store._disk_error's fallback hint says 'File exists; run the same command again "
-    "to resume' when --run-dir names a file: running it again cannot help"))
 def test_run_dir_is_a_file_says_so(server: FakeServerProcess, tmp_path: Path) -> None:
     run_dir = tmp_path / "results.jsonl"
     run_dir.write_text("{}\n")
@@ -351,11 +340,6 @@ def test_run_dir_is_a_file_says_so(server: FakeServerProcess, tmp_path: Path) ->
     assert "run the same command again" not in line and "not a directory" in line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: no lock on the run directory: a second `run` on a directory another run is "
-    "writing works the same tasks again (wasted calls) and, since each process journals its "
-    "own replies (calls: INSERT OR IGNORE, samples: INSERT OR REPLACE), accepted samples end "
-    "up with a body that matches no journaled generator reply"))
 def test_run_dir_in_use_by_another_run(tmp_path: Path) -> None:
     slow = start_fake_server(models=list(FAKE_MODELS), latency=0.2)
     try:

@@ -173,22 +173,24 @@ class TestLimits:
     async def test_rpm_limit_paces_requests(
         self, server: FakeServerProcess, transport: AiohttpTransport
     ) -> None:
-        # aiolimiter lets a burst of `rpm` through, then one per 60/rpm s: 600 rpm = 10/s.
-        pool = EndpointPool([endpoint(server, transport, rpm=600, max_concurrency=1000)])
+        # 1,200 rpm = 20/s, refilled every second rather than a minute's budget at once.
+        pool = EndpointPool([endpoint(server, transport, rpm=1200, max_concurrency=1000)])
         started = time.monotonic()
-        await asyncio.gather(*(pool.chat(REQUEST) for _ in range(615)))
-        assert time.monotonic() - started >= 1.2  # 15 beyond the burst at 10/s
+        await asyncio.gather(*(pool.chat(REQUEST) for _ in range(60)))
+        elapsed = time.monotonic() - started
+        assert elapsed >= 1.8  # 20 at once, then 40 more at 20/s
+        assert elapsed < 30  # not a minute's wait: the bucket refills continuously
 
     async def test_tpm_limit_counts_estimated_tokens(
         self, server: FakeServerProcess, transport: AiohttpTransport
     ) -> None:
         request = ChatRequest(messages=[{"role": "user", "content": "x" * 40}], max_tokens=90)
         assert request.estimated_tokens() == 100
-        # 6,000 tpm = 100 tokens/s: a burst of 60 such calls, then one per second.
+        # 6,000 tpm = 100 tokens/s in a 10 s bucket: 10 such calls at once, then one a second.
         pool = EndpointPool([endpoint(server, transport, tpm=6000, max_concurrency=1000)])
         started = time.monotonic()
-        await asyncio.gather(*(pool.chat(request) for _ in range(62)))
-        assert time.monotonic() - started >= 1.0
+        await asyncio.gather(*(pool.chat(request) for _ in range(13)))
+        assert time.monotonic() - started >= 2.5
 
     async def test_429_halves_window_and_successes_grow_it_back(
         self, server: FakeServerProcess, transport: AiohttpTransport

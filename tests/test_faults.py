@@ -443,10 +443,6 @@ def test_faults_with_target_reached_leave_nothing_in_progress(
     assert len(books.calls) <= good_replies(server) <= len(books.calls) + 2 * 16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Pipeline._run_task records a failed task in the journal but never increments "
-    "progress.failed, so the live display and the final summary say 'failed 0' (and "
-    "overstate the acceptance rate) for failures of the current session"))
 def test_summary_counts_this_sessions_failed_tasks(
     server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -461,11 +457,6 @@ def test_summary_counts_this_sessions_failed_tasks(
     assert shown and shown[-1] == "3", result.out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Pipeline._structured re-asks an invalid reply with the identical request (same "
-    "messages, temperature 0 for reviewers, same max_tokens); a deterministic server returns "
-    "the same invalid reply, so the re-ask budget is spent for nothing (here: every review "
-    "cut off at review_max_tokens is asked 3 times, identically)"))
 def test_reasking_an_invalid_reply_changes_the_request(
     server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -350,6 +351,36 @@ def test_two_replicas_run_side_by_side(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_servers_own_environment_settings_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama_cpp.server reads API_KEY, PORT, HOST... from the environment; ours must not leak."""
+    _require_local_backend()
+    monkeypatch.setenv("API_KEY", "a-key-for-some-other-tool")
+    monkeypatch.setenv("PORT", "1")
+    monkeypatch.setenv("N_CTX", "64")
+
+    async def main() -> int:
+        async with LocalModelServer() as running, httpx.AsyncClient(trust_env=False) as client:
+            body = {"model": running.model, "messages": REVIEW_MESSAGES, "max_tokens": 2}
+            reply = await client.post(f"{running.base_url}/chat/completions", json=body)
+            return reply.status_code
+
+    assert anyio.run(main) == 200
+
+
+@pytest.mark.slow
+def test_a_taken_port_is_reported(tmp_path: Path) -> None:
+    _require_local_backend()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LocalModelServer(port=port, log_dir=tmp_path, startup_timeout=30)
+        with pytest.raises(UnreachableError, match="exited with code") as info:
+            anyio.run(server.start)
+    assert "address already in use" in str(info.value).lower()
+
+
+@pytest.mark.slow
 def test_stop_leaves_no_process() -> None:
     _require_local_backend()
 
@@ -361,6 +392,8 @@ def test_stop_leaves_no_process() -> None:
             log_path = running.log_path
         assert running.pid is None
         assert not log_path.exists()  # a temporary log is removed after a clean stop
+        async with running:  # and it starts again
+            assert running.pid is not None and running.pid != pid
         return pid
 
     pid = anyio.run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -13,6 +14,9 @@ from gra_async.errors import NotFoundError, TransientError, UnreachableError
 
 __all__ = ["probe"]
 
+_PROBE_ATTEMPTS = 3
+_PROBE_BACKOFF = 0.5  # seconds, doubling
+
 
 async def probe(endpoint: Endpoint, transport: Transport) -> tuple[str, ...]:
     """Return the models the endpoint serves; resolve `endpoint.model` when none was given.
@@ -22,19 +26,27 @@ async def probe(endpoint: Endpoint, transport: Transport) -> tuple[str, ...]:
     """
     config = endpoint.config
     url = f"{config.base_url}/models"
-    try:
-        response = await transport.request(
-            "GET",
-            url,
-            headers=endpoint.headers(),
-            body=None,
-            timeouts=Timeouts(connect=config.connect_timeout, read=min(config.read_timeout, 30.0)),
-            label=endpoint.label,
-        )
-    except TransientError as exc:
-        raise UnreachableError(
-            f"{exc} (is the server running, and is the URL right?)", endpoint=endpoint.label
-        ) from None
+    timeouts = Timeouts(connect=config.connect_timeout, read=min(config.read_timeout, 30.0))
+    # A server restarting or a load balancer's passing 502 should not fail a whole start:
+    # transient answers get a few quick retries here too.
+    for attempt in range(_PROBE_ATTEMPTS):
+        try:
+            response = await transport.request(
+                "GET", url, headers=endpoint.headers(), body=None, timeouts=timeouts,
+                label=endpoint.label,
+            )
+        except TransientError as exc:
+            if attempt + 1 == _PROBE_ATTEMPTS:
+                raise UnreachableError(
+                    f"{exc} (is the server running, and is the URL right?)",
+                    endpoint=endpoint.label,
+                ) from None
+        else:
+            if response.status < 500 and response.status not in (408, 429):
+                break
+            if attempt + 1 == _PROBE_ATTEMPTS:
+                break
+        await asyncio.sleep(_PROBE_BACKOFF * 2**attempt)
     if response.status != 200:
         error = error_for_status(
             response.status,
