@@ -279,27 +279,6 @@ def test_bad_flag_values(
 # --- run directory -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """A tmpfs of a given size, optionally read-only (root ignores chmod, not a ro mount)."""
-    mounted: list[Path] = []
-
-    def mount(size: str, *, read_only: bool = False) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, check=False)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def test_read_only_run_dir(server: FakeServerProcess, small_mount: Callable[..., Path]) -> None:
     point = small_mount("1m", read_only=True)
     out = gra(*good_run(server, point / "run"))

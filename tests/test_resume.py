@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,37 +152,6 @@ def test_changed_config_is_refused_unless_forced(
     # Operational knobs are not part of the config's identity.
     assert main(fixed_args(fake_server, tmp_path, "--target", "3", "--concurrency", "3")) == 0
     assert main(fixed_args(fake_server, tmp_path, "--target", "4", "--seed", "7", "--force")) == 0
-
-
-@pytest.fixture
-def small_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """A tmpfs of a given size, optionally read-only: a full or read-only disk, for real."""
-    mounted: list[Path] = []
-
-    def mount(size: str, *, read_only: bool = False) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, check=False)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-def test_read_only_run_dir_is_a_clear_error(
-    fake_server: FakeServer, small_mount: Callable[..., Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    point = small_mount("1m", read_only=True)
-    code = main(fixed_args(fake_server, point / "run"))
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "not writable" in err and str(point / "run") in err
 
 
 def test_full_disk_stops_cleanly_and_resumes(
