@@ -145,7 +145,7 @@ def _json_lines(path: Path, label: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _fail(where, f"invalid JSON ({exc.msg}, column {exc.colno})",
+                raise _fail(where, f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})",
                             "fix this line; each line must be one JSON object") from None
 
 
@@ -168,7 +168,7 @@ def _json_array(text: str, label: str) -> Iterator[tuple[int, Any]]:
         try:
             item, end = decoder.raw_decode(text, index)
         except json.JSONDecodeError as exc:
-            raise _fail(f"{label}:{exc.lineno}", f"invalid JSON ({exc.msg}, column {exc.colno})",
+            raise _fail(f"{label}:{exc.lineno}", f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})",
                         "fix the array item") from None
         yield line_of(index), item
         index = skip(end)
