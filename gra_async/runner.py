@@ -65,14 +65,20 @@ async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
     if config.has_endpoints:
         yield config
         return
-    from gra_async.local import LocalModelServer
+    from gra_async.local import LocalModelServer, usable_cores
 
     config.run.run_dir.mkdir(parents=True, exist_ok=True)
-    async with LocalModelServer(log_dir=config.run.run_dir) as server:
-        endpoint = server.endpoint()
+    # One single-threaded server per core, as replicas of one model: llama.cpp decodes one
+    # request at a time, and two 1-thread servers serve ~2x the tokens of one 2-thread server.
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(LocalModelServer(
+                log_dir=config.run.run_dir, log_name=f"local-{i}.log", n_threads=1))
+            for i in range(max(1, min(usable_cores(), 4)))
+        ]
+        replicas = tuple(server.endpoint() for server in servers)
         yield config.model_copy(update={
-            "endpoints": {"generator": (endpoint,), "reviewer": (endpoint,),
-                          "adjudicator": (endpoint,)},
+            "endpoints": {"generator": replicas, "reviewer": replicas, "adjudicator": replicas},
             "generation": _local_budgets(config.generation),
             "gate": _local_gate(config.gate),
         })
@@ -101,7 +107,7 @@ def _local_budgets(generation: GenerationConfig) -> GenerationConfig:
     would make the demo take many minutes, and a tiny model's long replies only ramble.
     """
     chosen = generation.model_fields_set
-    local = {"max_tokens": 320, "review_max_tokens": 160, "verdict_max_tokens": 120}
+    local = {"max_tokens": 320, "review_max_tokens": 200, "verdict_max_tokens": 120}
     return generation.model_copy(update={k: v for k, v in local.items() if k not in chosen})
 
 

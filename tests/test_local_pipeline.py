@@ -50,7 +50,7 @@ def test_embedded_default_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     for row in rows:
         assert row["generator"] == "smollm2-135m" and row["instruction"] and row["response"]
         assert row["reviews"] and set(row["reviews"][0]["scores"]) == set(CRITERIA)
-    assert (tmp_path / "local-smollm2-135m.log").exists()  # the server's log sits in the run
+    assert (tmp_path / "local-0.log").exists()  # the servers' logs sit in the run directory
 
 
 def test_three_real_roles_every_reply_parsed(
