@@ -386,7 +386,7 @@ class Pipeline:
         gen = self.config.generation
         temperature = gen.temperature if role == "generator" else gen.review_temperature
         fmt = response_format(f"gra_{role}", self._schemas[role],
-                              self.team.json_modes.get(model, "json_schema"))  # type: ignore[arg-type]
+                              self.team.json_modes.get(model, "json_schema"))
         params = {"max_tokens": max_tokens, "temperature": temperature, "response_format": fmt}
         key = call_key(role=role, model=model, messages=messages, params=params,
                        task_id=task.id, slot=slot)

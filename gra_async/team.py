@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from gra_async.client import Endpoint, EndpointPool, RetryPolicy, Transport, probe
-from gra_async.config import ROLES, EndpointConfig, Role, RunConfig
+from gra_async.config import ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
 
 __all__ = ["Assignment", "Team", "build_team"]
@@ -36,7 +36,7 @@ class Team:
     pools: dict[Role, EndpointPool]
     panel_size: int | None  # None: every eligible reviewer model
     run_seed: int
-    json_modes: dict[str, str]  # model -> how its server takes structured output
+    json_modes: dict[str, JsonMode]  # model -> how its server takes structured output
     prices: dict[str, tuple[float, float]]  # model -> (in, out) per million tokens
 
     def models(self, role: Role) -> tuple[str, ...]:
