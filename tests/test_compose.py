@@ -278,3 +278,20 @@ def test_cpu_server_serves_the_model_its_image_builds(render: Callable[[str], Re
     context = Path(rendered["vllm-cpu"]["build"]["context"])
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert (context / source).is_file(), f"the cpu image copies {source}, absent from {context}"
+
+
+def test_plain_up_starts_the_gpu_set_and_profile_cpu_replaces_it() -> None:
+    """The repo's .env sets COMPOSE_PROFILES=gpu; a --profile flag must win over it."""
+    binary = _compose_binary()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "VLLM_API_KEY": API_KEY}
+
+    def services(*flags: str) -> set[str]:
+        result = subprocess.run([str(binary), "--project-directory", str(ROOT), "-f",
+                                 str(COMPOSE_FILE), *flags, "config", "--services"],
+                                env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        return set(result.stdout.split())
+
+    assert services() == {"generator", "reviewer", "adjudicator", "orchestrator"}
+    assert services("--profile", "cpu") == {"vllm-cpu", "orchestrator-cpu"}
