@@ -19,7 +19,7 @@ from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client.retry import error_for_status, parse_duration
 from gra_async.config import EndpointConfig
-from gra_async.errors import MalformedResponse, RateLimitError, TransientError
+from gra_async.errors import GraError, MalformedResponse, RateLimitError, TransientError
 
 __all__ = ["Endpoint"]
 
@@ -148,14 +148,7 @@ class Endpoint:
         latency = self._clock() - started
         self._observe_headers(response.headers)
         if response.status >= 300:
-            raise error_for_status(
-                response.status,
-                response.headers,
-                response.body,
-                label=self.label,
-                wall_clock=self._wall_clock,
-                secret=self._key,
-            )
+            raise self.error_for(response)
         reply = self._parse(response, latency, attempts)
         if self._tpm is not None:
             self._token_debt = reply.prompt_tokens + reply.completion_tokens - estimate
@@ -163,6 +156,13 @@ class Endpoint:
         self._tokens_out += reply.completion_tokens
         self._latency_total += latency
         return reply
+
+    def error_for(self, response: HttpResponse) -> GraError:
+        """Our exception for this endpoint's non-2xx answer, its key redacted."""
+        return error_for_status(
+            response.status, response.headers, response.body,
+            label=self.label, wall_clock=self._wall_clock, secret=self._key,
+        )
 
     def _parse(self, response: HttpResponse, latency: float, attempts: int) -> ChatReply:
         try:

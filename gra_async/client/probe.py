@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 
 from gra_async.client._http import Timeouts, Transport
 from gra_async.client.endpoint import Endpoint
-from gra_async.client.retry import error_for_status
 from gra_async.errors import NotFoundError, TransientError, UnreachableError
 
 __all__ = ["probe"]
@@ -48,14 +46,7 @@ async def probe(endpoint: Endpoint, transport: Transport) -> tuple[str, ...]:
                 break
         await asyncio.sleep(_PROBE_BACKOFF * 2**attempt)
     if response.status != 200:
-        error = error_for_status(
-            response.status,
-            response.headers,
-            response.body,
-            label=endpoint.label,
-            wall_clock=time.time,
-            secret=endpoint.api_key,
-        )
+        error = endpoint.error_for(response)
         if isinstance(error, TransientError):
             raise UnreachableError(str(error), endpoint=endpoint.label, status=response.status)
         raise error
