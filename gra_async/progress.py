@@ -75,7 +75,9 @@ def summary_table(progress: Progress, stats: Sequence[EndpointStats]) -> Table:
         table.add_row(f"{role} / {model}", str(progress.tokens[(role, model, "in")]),
                       str(progress.tokens[(role, model, "out")]))
     cost = progress.cost()
-    table.caption = headline(progress) + (f"  cost ${cost:.4f}" if cost is not None else "")
+    lines = [headline(progress) + (f"  cost ${cost:.4f}" if cost is not None else "")]
+    lines += [f"failed x{n}: {kind}" for kind, n in progress.failures.most_common(5)]
+    table.caption = "\n".join(lines)
     return table
 
 

@@ -299,3 +299,12 @@ def test_cost_from_configured_prices(
     expected = (rows[GEN]["prompt_tokens"] * 1.0 + rows[GEN]["completion_tokens"] * 2.0
                 + rows[REV_B]["prompt_tokens"] * 0.5) / 1e6
     assert got["cost"] == pytest.approx(expected) and expected > 0
+
+
+def test_summary_names_failure_kinds(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server.control(rules=[{"contains": "Score the sample", "content": "no idea"}])
+    out = run_ok(fixed_args(fake_server, tmp_path, "--target", "1", "--max-tasks", "2",
+                            "--concurrency", "1"), capsys)
+    assert "failed x2: no valid review" in out
