@@ -44,6 +44,7 @@ __all__ = [
 SCHEMA_VERSION = "1"
 TERMINAL_STATES = ("accepted", "rejected", "failed")
 STATES = ("planned", "generated", "reviewed", "adjudicating", *TERMINAL_STATES)
+_TERMINAL_SQL = "(" + ",".join(f"'{state}'" for state in TERMINAL_STATES) + ")"
 _COMMIT_EVERY = 0.05  # seconds: the commit window a kill -9 may lose
 _COMMIT_ROWS = 512
 
@@ -237,43 +238,11 @@ class Journal:
         except OSError as exc:
             raise _disk_error(run_dir, exc) from None
         lock = _lock(run_dir)
-        digest = config_hash(snapshot)
         try:
-            conn = _connect(run_dir / "journal.sqlite", readonly=False)
-            conn.executescript(_SCHEMA)
-            stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as exc:
+            conn = _open_journal(run_dir, snapshot, force=force)
+        except BaseException:
             os.close(lock)
-            raise RunDirError(
-                f"{run_dir / 'journal.sqlite'}: not a readable journal ({exc}); "
-                "use a new --run-dir"
-            ) from None
-        old = stored.get("config_hash")
-        if old is not None and old != digest and not force:
-            before = orjson.loads(stored.get("config", "{}"))
-            changed = ", ".join(_diff_keys(before, snapshot)) or "unknown keys"
-            conn.close()
-            os.close(lock)
-            raise RunDirError(
-                f"{run_dir}: this run directory was created with a different config "
-                f"(changed: {changed}); pass --force or use a new --run-dir"
-            )
-        try:
-            if old != digest:
-                text = _canonical(snapshot).decode()
-                conn.execute("BEGIN")
-                conn.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [("schema", SCHEMA_VERSION), ("config_hash", digest), ("config", text),
-                     ("created", stored.get("created", repr(time.time())))],
-                )
-                conn.execute("COMMIT")
-                _atomic_write(run_dir / "config.json",
-                              orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        except (sqlite3.DatabaseError, OSError) as exc:
-            conn.close()
-            os.close(lock)
-            raise _disk_error(run_dir, exc) from None
+            raise
         journal = cls(run_dir, conn, lock)
         journal.reset_in_progress()
         return journal
@@ -281,20 +250,15 @@ class Journal:
     # --- what resume needs -----------------------------------------------------------
 
     def finished_tasks(self) -> set[str]:
-        marks = ",".join("?" * len(TERMINAL_STATES))
-        rows = self._conn.execute(
-            f"SELECT task_id FROM samples WHERE state IN ({marks})", TERMINAL_STATES
-        )
+        rows = self._conn.execute(f"SELECT task_id FROM samples WHERE state IN {_TERMINAL_SQL}")
         return {task_id for (task_id,) in rows}
 
     def unfinished_calls(self) -> dict[str, CallRecord]:
         """Replies of tasks that were cut off mid-way: resume reuses them instead of re-sending."""
-        marks = ",".join("?" * len(TERMINAL_STATES))
         rows = self._conn.execute(
             "SELECT key, task_id, role, model, endpoint, content, finish_reason, prompt_tokens, "
             "completion_tokens, latency, attempts FROM calls WHERE task_id NOT IN "
-            f"(SELECT task_id FROM samples WHERE state IN ({marks}))",
-            TERMINAL_STATES,
+            f"(SELECT task_id FROM samples WHERE state IN {_TERMINAL_SQL})"
         )
         return {row[0]: CallRecord(*row) for row in rows}
 
@@ -307,8 +271,8 @@ class Journal:
     def reset_in_progress(self) -> int:
         """Samples left mid-way by a crash go back to `planned`; their calls stay journaled."""
         cursor = self._conn.execute(
-            "UPDATE samples SET state = 'planned' WHERE state NOT IN ('planned', 'accepted', "
-            "'rejected', 'failed')"
+            f"UPDATE samples SET state = 'planned' WHERE state != 'planned' "
+            f"AND state NOT IN {_TERMINAL_SQL}"
         )
         return cursor.rowcount
 
@@ -428,6 +392,46 @@ def _diff_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str 
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _open_journal(run_dir: Path, snapshot: Mapping[str, Any], *, force: bool) -> sqlite3.Connection:
+    """The journal's connection, its stored config checked against (or set to) `snapshot`."""
+    digest = config_hash(snapshot)
+    try:
+        conn = _connect(run_dir / "journal.sqlite", readonly=False)
+        conn.executescript(_SCHEMA)
+        stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise RunDirError(
+            f"{run_dir / 'journal.sqlite'}: not a readable journal ({exc}); use a new --run-dir"
+        ) from None
+    try:
+        old = stored.get("config_hash")
+        if old is not None and old != digest and not force:
+            before = orjson.loads(stored.get("config", "{}"))
+            changed = ", ".join(_diff_keys(before, snapshot)) or "unknown keys"
+            raise RunDirError(
+                f"{run_dir}: this run directory was created with a different config "
+                f"(changed: {changed}); pass --force or use a new --run-dir"
+            )
+        if old != digest:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("schema", SCHEMA_VERSION), ("config_hash", digest),
+                 ("config", _canonical(snapshot).decode()),
+                 ("created", stored.get("created", repr(time.time())))],
+            )
+            conn.execute("COMMIT")
+            _atomic_write(run_dir / "config.json",
+                          orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    except (sqlite3.DatabaseError, OSError) as exc:
+        conn.close()
+        raise _disk_error(run_dir, exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _lock(run_dir: Path) -> int:
