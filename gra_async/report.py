@@ -123,10 +123,10 @@ def export(run_dir: Path, out: Path, fmt: str, *, include_all: bool = False) -> 
     reader = JournalReader(run_dir)
     try:
         states = ("accepted", "rejected", "failed") if include_all else ("accepted",)
-        rows = [sample_row(r) for r in reader.samples(states)]
+        everything = list(reader.samples())  # one read serves the rows and the summary
+        rows = [sample_row(r) for r in everything if r.state in states]
         counts = reader.state_counts()
         totals = reader.call_totals()
-        everything = list(reader.samples())
     finally:
         reader.close()
     tmp = out.with_name(out.name + ".tmp")
