@@ -1,7 +1,7 @@
 """Journal benchmarks: resume start-up on a large journal, and memory against plan size.
 
     python bench/journal_bench.py resume --calls 100000
-    python bench/journal_bench.py memory --seeds 10000 100000
+    python bench/journal_bench.py memory --seeds 10000 100000 [--unlabelled]
 
 `resume` writes a journal of N calls (3 per task, a few tasks left unfinished) through the
 real writer, then times what a resume does before its first call: open the journal,
@@ -10,7 +10,8 @@ Filling the dedup index from the accepted samples runs in a worker thread beside
 first calls; its time is printed separately.
 
 `memory` runs the pipeline (fake server, latency 50 ms, C=200) on generated seed files of
-each size and prints the peak RSS of each run, measured in its own process.
+each size and prints the peak RSS of each run, measured in its own process. With
+--unlabelled the seeds carry no domain, so the run also clusters them.
 """
 
 from __future__ import annotations
@@ -80,14 +81,15 @@ def resume(calls: int) -> None:
     print(f"dedup index fill (worker thread, beside the first calls): {fill:.1f} s")
 
 
-def memory(sizes: list[int]) -> None:
+def memory(sizes: list[int], unlabelled: bool) -> None:
     for size in sizes:
-        out = subprocess.run([sys.executable, __file__, "_memory_child", str(size)],
+        flags = ["--unlabelled"] if unlabelled else []
+        out = subprocess.run([sys.executable, __file__, "_memory_child", str(size), *flags],
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip())
 
 
-def _memory_child(size: int) -> None:
+def _memory_child(size: int, unlabelled: bool) -> None:
     from gra_async.config import load_config
     from gra_async.runner import open_run
     from gra_async.testing.fake_server import FakeServerProcess
@@ -96,10 +98,11 @@ def _memory_child(size: int) -> None:
     seeds = work / "seeds.jsonl"
     with open(seeds, "w") as handle:
         for i in range(size):
-            handle.write(json.dumps({
-                "instruction": f"Question {i} about topic {i % 40}: " + "please explain " * 10,
-                "response": f"Answer {i}: " + "a reasonably long response text " * 12,
-                "domain": f"d{i % 40}"}) + "\n")
+            record = {"instruction": f"Question {i} about topic{i % 40}: " + "please explain " * 10,
+                      "response": f"Answer {i}: " + "a reasonably long response text " * 12}
+            if not unlabelled:
+                record["domain"] = f"d{i % 40}"
+            handle.write(json.dumps(record) + "\n")
     review = json.dumps({"scores": {c: 9 for c in ("correctness", "clarity", "completeness",
                                                        "relevance", "coherence", "ethicality")},
                          "feedback": "ok"})
@@ -125,7 +128,8 @@ def _memory_child(size: int) -> None:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"seeds={size:>7}  target=2000  C=200  wall={wall:.1f}s  peak RSS={rss:.0f} MB")
+    kind = "unlabelled" if unlabelled else "labelled"
+    print(f"seeds={size:>7} ({kind})  target=2000  C=200  wall={wall:.1f}s  peak RSS={rss:.0f} MB")
 
 
 def main() -> None:
@@ -135,15 +139,17 @@ def main() -> None:
     r.add_argument("--calls", type=int, default=100_000)
     m = sub.add_parser("memory")
     m.add_argument("--seeds", type=int, nargs="+", default=[10_000, 100_000])
+    m.add_argument("--unlabelled", action="store_true")
     c = sub.add_parser("_memory_child")
     c.add_argument("size", type=int)
+    c.add_argument("--unlabelled", action="store_true")
     args = parser.parse_args()
     if args.what == "resume":
         resume(args.calls)
     elif args.what == "memory":
-        memory(args.seeds)
+        memory(args.seeds, args.unlabelled)
     else:
-        _memory_child(args.size)
+        _memory_child(args.size, args.unlabelled)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class PlannerConfig(_Strict):
     input_field: str | None = None  # Alpaca's optional context, appended to the instruction
     response_field: str | None = None  # None: detect (response / output / answer)
     domain_field: str | None = None  # None: "domain" / "category" when present, else clustered
-    domains: int = Field(8, ge=1)  # clusters when domains are derived
+    domains: int = Field(defaults.DOMAINS, ge=1)  # clusters when domains are derived
     near_dup_threshold: float = Field(defaults.NEAR_DUP_THRESHOLD, gt=0, le=1)
 
 

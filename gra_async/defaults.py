@@ -35,6 +35,7 @@ INVALID_REPLY_RETRIES = 2  # schema-breaking review/verdict replies re-asked bef
 # Pipeline.
 RUN_CONCURRENCY = 256  # model calls in flight across the run
 FEW_SHOT = 3
+DOMAINS = 8  # clusters when the seeds carry no domain
 GENERATION_MAX_TOKENS = 768
 REVIEW_MAX_TOKENS = 512
 VERDICT_MAX_TOKENS = 256

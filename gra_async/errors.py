@@ -25,6 +25,9 @@ Messages name the endpoint (its URL and model), never an API key.
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
@@ -66,6 +69,22 @@ class SeedError(UserError):
 
 class RunDirError(UserError):
     """The run directory cannot be used as asked."""
+
+    @classmethod
+    def writing(cls, run_dir: Path, exc: BaseException, what: str = "the journal") -> RunDirError:
+        """A failed write as one line that says what to do (full disk, read-only, ...)."""
+        text = str(exc)
+        code = getattr(exc, "errno", None)
+        if code == errno.ENOSPC or "full" in text:
+            hint = "the disk is full; free space and run the same command again to resume"
+        elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text:
+            hint = "the run directory is not writable; fix its permissions or pass another --run-dir"
+        elif code in (errno.EEXIST, errno.ENOTDIR):
+            hint = "it is a file, not a directory; pass another --run-dir"
+        else:
+            detail = exc.strerror if isinstance(exc, OSError) else text
+            hint = f"{detail}; run the same command again to resume"
+        return cls(f"{run_dir}: cannot write {what} ({hint})")
 
 
 class EndpointError(UserError):

@@ -24,7 +24,7 @@ from gra_async.client import ChatRequest, EndpointPool
 from gra_async.config import Role, RunConfig
 from gra_async.dedup import Deduplicator, copied_from
 from gra_async.errors import BadRequestError, GraError, RetriesExhausted
-from gra_async.planner import Planner, Seed, Task
+from gra_async.planner import Planner, Task
 from gra_async.prompts import PromptSet, ReviewView
 from gra_async.scoring import (
     Decision,
@@ -40,6 +40,7 @@ from gra_async.scoring import (
     review_schema,
     verdict_schema,
 )
+from gra_async.seeds import Seed
 from gra_async.store import CallRecord, Journal, SampleRecord, call_key
 from gra_async.team import Team
 
@@ -113,7 +114,6 @@ class Pipeline:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._goal = 0
-        self._accepted_records: list[SampleRecord] = []
         self._dedup_filled: asyncio.Future[None]
         gen = config.generation
         self._schemas = {
@@ -129,9 +129,8 @@ class Pipeline:
         """Load what the journal already holds: finished tasks, replies of unfinished ones."""
         self._finished = self.journal.finished_tasks()
         self._cache = self.journal.unfinished_calls()
-        self._accepted_records = self.journal.accepted()
-        self.progress.accepted = len(self._accepted_records)
         counts = self.journal.state_counts()
+        self.progress.accepted = counts["accepted"]
         self.progress.rejected, self.progress.failed = counts["rejected"], counts["failed"]
         self.progress.accepted_at_start = self.progress.accepted
         self.progress.finished_at_start = len(self._finished)
@@ -145,8 +144,8 @@ class Pipeline:
         for task in list(self._running.values()):
             task.cancel()
 
-    def _fill_dedup(self, accepted: list[SampleRecord]) -> None:
-        for record in accepted:
+    def _fill_dedup(self) -> None:
+        for record in self.journal.accepted():
             self.dedup.add(record.task_id, _dedup_text(record.body))
 
     async def _dedup_index(self) -> Deduplicator:
@@ -157,8 +156,7 @@ class Pipeline:
     async def run(self) -> Progress:
         # Hashing every accepted sample takes ~0.4 ms each: a worker thread does it while
         # the first calls are in flight; tasks wait for it only at their dedup step.
-        self._dedup_filled = asyncio.ensure_future(
-            asyncio.to_thread(self._fill_dedup, list(self._accepted_records)))
+        self._dedup_filled = asyncio.ensure_future(asyncio.to_thread(self._fill_dedup))
         try:
             return await self._run_rounds()
         finally:
@@ -172,19 +170,19 @@ class Pipeline:
             if self._stopping:
                 break
             if rnd > 1:
-                self.planner.add_seeds(self._round_seeds(rnd))
+                await self._grow_pool(rnd)
             self._goal = math.ceil(target * rnd / rounds)
             if self.progress.accepted < self._goal:
                 await self._run_round(rnd)
         return self.progress
 
-    def _round_seeds(self, rnd: int) -> list[Seed]:
-        """Accepted samples of earlier rounds join the seed pool, in plan order."""
-        return [
-            Seed(r.task_id, str(r.body["instruction"]), str(r.body["response"]), r.domain)
-            for r in sorted(self._accepted_records, key=lambda r: (r.round, r.index))
-            if r.round < rnd
-        ]
+    async def _grow_pool(self, rnd: int) -> None:
+        """Accepted samples of earlier rounds join the seed pool, in plan order, streamed
+        from the journal (the pool is on disk: a large round costs no memory)."""
+        await self.journal.flush()
+        seeds = (Seed(r.task_id, str(r.body["instruction"]), str(r.body["response"]), r.domain)
+                 for r in self.journal.accepted(before_round=rnd))
+        await asyncio.to_thread(self.planner.add_seeds, seeds, rnd)
 
     async def _run_round(self, rnd: int) -> None:
         # Tasks in flight: by default as many as the endpoints serve at once, so a task's
@@ -234,7 +232,7 @@ class Pipeline:
         gate = self.config.gate
         team = self.team.assign(task.id)
         examples = [self.planner.seed(s) for s in task.seed_ids]
-        messages = self.prompts.generator(task.domain, self.planner.keywords(task.domain), examples)
+        messages = self.prompts.generator(task.domain, self.planner.keywords(task.domain, task.round), examples)
         sample, gen_reply = await self._structured(
             task, "generator", team.generator, messages, parse_generation, "gen"
         )
@@ -311,9 +309,6 @@ class Pipeline:
         self._record(task, state, body)
         if state == "accepted":
             self.progress.accepted += 1
-            self._accepted_records.append(
-                SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids, body)
-            )
             if self.progress.accepted >= self._goal:
                 self.abandon()
         elif body["decision"] == "duplicate":

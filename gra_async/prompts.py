@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gra_async.errors import ConfigError
-from gra_async.planner import Seed
+from gra_async.seeds import Seed
 
 __all__ = [
     "USER_MARKER",

@@ -19,9 +19,10 @@ from gra_async.client import AiohttpTransport, EndpointStats
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.pipeline import Pipeline, plan_size
-from gra_async.planner import Planner, assign_domains, load_seeds
+from gra_async.planner import Planner
 from gra_async.prompts import PromptSet, default_prompts_dir
-from gra_async.store import Journal
+from gra_async.seeds import SeedStore
+from gra_async.store import Journal, RunLock
 from gra_async.team import Team, build_team
 
 __all__ = ["Run", "open_run", "snapshot"]
@@ -54,8 +55,10 @@ def snapshot(config: RunConfig) -> dict[str, Any]:
 def _digest(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        with contextlib.suppress(OSError):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        with contextlib.suppress(OSError), open(path, "rb") as handle:
+            digest.update(path.name.encode() + b"\0")
+            while chunk := handle.read(1 << 20):  # streamed: a seed set may be gigabytes
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -126,28 +129,47 @@ class Run:
 async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[Run]:
     """Everything a run needs, validated before any task starts (bad input fails here).
 
-    The endpoints are probed before the journal is opened: a start that fails on a wrong
-    model name must not record that config as the run directory's own.
+    The run directory is locked first: the seed store is built there. The endpoints are
+    probed before the journal is opened: a start that fails on a wrong model name must
+    not record that config as the run directory's own.
     """
     prompts = PromptSet.load(config.prompts_dir)
-    seeds = assign_domains(load_seeds(config.planner.seeds, config.planner),
-                           config.planner.domains, config.run.seed)
+    inputs = snapshot(config)
+    run_dir = config.run.run_dir
+    lock = RunLock(run_dir)
     transport = AiohttpTransport()
     try:
-        async with _backend(config) as live:
-            team = await build_team(live, transport)
-            journal = Journal.open(config.run.run_dir, snapshot(config), force=force)
-            try:
-                dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
-                planner = Planner(seeds, config.run.seed, config.generation.few_shot)
-                pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
-                pipeline.resume_state()
-                journal.start()
-                journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
-                journal.set_meta("target", str(config.run.target))
-                journal.set_meta("prices", orjson.dumps(team.prices).decode())
-                yield Run(live, journal, team, pipeline)
-            finally:
-                await journal.close()
+        seeds = _seed_store(config, inputs)
+        try:
+            async with _backend(config) as live:
+                team = await build_team(live, transport)
+                journal = Journal.open(run_dir, inputs, force=force, lock=lock)
+                try:
+                    dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
+                    planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+                    pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
+                    pipeline.resume_state()
+                    journal.start()
+                    journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
+                    journal.set_meta("target", str(config.run.target))
+                    journal.set_meta("prices", orjson.dumps(team.prices).decode())
+                    yield Run(live, journal, team, pipeline)
+                finally:
+                    await journal.close()
+        finally:
+            seeds.close()
     finally:
         await transport.aclose()
+        lock.release()
+
+
+def _seed_store(config: RunConfig, inputs: dict[str, Any]) -> SeedStore:
+    """The run directory's seed store, reused while what it was built from is unchanged."""
+    planner = config.planner
+    recipe = {"seeds_sha256": inputs["seeds_sha256"], "run_seed": config.run.seed,
+              **planner.model_dump(mode="json", include={
+                  "seeds", "instruction_field", "response_field", "input_field",
+                  "domain_field", "domains"})}
+    key = hashlib.sha256(orjson.dumps(recipe, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return SeedStore.build(planner.seeds, planner, seed=config.run.seed,
+                           path=config.run.run_dir / "seeds.sqlite", key=key)

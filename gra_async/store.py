@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -36,6 +35,7 @@ __all__ = [
     "CallRecord",
     "Journal",
     "JournalReader",
+    "RunLock",
     "SampleRecord",
     "call_key",
     "config_hash",
@@ -124,20 +124,6 @@ class SampleRecord:
     body: Mapping[str, Any]
 
 
-def _disk_error(run_dir: Path, exc: BaseException) -> RunDirError:
-    text = str(exc)
-    code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC or "full" in text:
-        hint = "the disk is full; free space and run the same command again to resume"
-    elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text:
-        hint = "the run directory is not writable; fix its permissions or pass another --run-dir"
-    elif code in (errno.EEXIST, errno.ENOTDIR):
-        hint = "it is a file, not a directory; pass another --run-dir"
-    else:
-        hint = f"{exc.strerror if isinstance(exc, OSError) else text}; run the same command again to resume"
-    return RunDirError(f"{run_dir}: cannot write the journal ({hint})")
-
-
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -158,16 +144,19 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def _samples(conn: sqlite3.Connection, states: tuple[str, ...]) -> Iterator[SampleRecord]:
+def _samples(
+    conn: sqlite3.Connection, states: tuple[str, ...], before_round: int | None = None,
+) -> Iterator[SampleRecord]:
     marks = ",".join("?" * len(states))
     rows = conn.execute(
         f"SELECT task_id, round, idx, state, domain, seed_ids, body FROM samples "
-        f"WHERE state IN ({marks}) ORDER BY round, idx",
-        states,
+        f"WHERE state IN ({marks}) AND round < ? ORDER BY round, idx",
+        (*states, 1 << 62 if before_round is None else before_round),
     )
-    for task_id, rnd, idx, state, domain, seed_ids, body in rows:
-        yield SampleRecord(task_id, rnd, idx, state, domain,
-                           tuple(orjson.loads(seed_ids)), orjson.loads(body))
+    while batch := rows.fetchmany(256):
+        for task_id, rnd, idx, state, domain, seed_ids, body in batch:
+            yield SampleRecord(task_id, rnd, idx, state, domain,
+                               tuple(orjson.loads(seed_ids)), orjson.loads(body))
 
 
 class JournalReader:
@@ -197,8 +186,10 @@ class JournalReader:
             "FROM calls GROUP BY role, model ORDER BY role, model"
         ))
 
-    def samples(self, states: tuple[str, ...] = TERMINAL_STATES) -> Iterator[SampleRecord]:
-        return _samples(self._conn, states)
+    def samples(
+        self, states: tuple[str, ...] = TERMINAL_STATES, *, before_round: int | None = None,
+    ) -> Iterator[SampleRecord]:
+        return _samples(self._conn, states, before_round)
 
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -216,7 +207,7 @@ _STOP = object()
 class Journal:
     """The writable journal of one run directory, with its single writer thread."""
 
-    def __init__(self, run_dir: Path, conn: sqlite3.Connection, lock: int) -> None:
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection, lock: RunLock | None) -> None:
         self.run_dir = run_dir
         self._conn = conn
         self._lock = lock
@@ -228,22 +219,23 @@ class Journal:
     # --- opening ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, run_dir: Path, snapshot: Mapping[str, Any], *, force: bool = False) -> Journal:
-        """Create or reopen `run_dir`; a different config is refused unless `force`."""
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise _disk_error(run_dir, exc) from None
-        lock = _lock(run_dir)
+    def open(
+        cls, run_dir: Path, snapshot: Mapping[str, Any], *, force: bool = False,
+        lock: RunLock | None = None,
+    ) -> Journal:
+        """Create or reopen `run_dir`; a different config is refused unless `force`.
+
+        Without `lock` the journal takes the run directory's lock and releases it on close.
+        """
+        owned = lock is None
+        lock = RunLock(run_dir) if lock is None else lock
         try:
             conn = _open_journal(run_dir, snapshot, force=force)
         except BaseException:
-            os.close(lock)
+            if owned:
+                lock.release()
             raise
-        journal = cls(run_dir, conn, lock)
+        journal = cls(run_dir, conn, lock if owned else None)
         journal.reset_in_progress()
         return journal
 
@@ -265,8 +257,16 @@ class Journal:
     def state_counts(self) -> dict[str, int]:
         return _state_counts(self._conn)
 
-    def accepted(self) -> list[SampleRecord]:
-        return list(_samples(self._conn, ("accepted",)))
+    def accepted(self, before_round: int | None = None) -> Iterator[SampleRecord]:
+        """Accepted samples as committed so far (of earlier rounds only, if given), streamed.
+
+        Read on a connection of their own, so any thread may call this while the writer runs.
+        """
+        reader = JournalReader(self.run_dir)
+        try:
+            yield from reader.samples(("accepted",), before_round=before_round)
+        finally:
+            reader.close()
 
     def reset_in_progress(self) -> int:
         """Samples left mid-way by a crash go back to `planned`; their calls stay journaled."""
@@ -327,12 +327,13 @@ class Journal:
         with contextlib.suppress(sqlite3.DatabaseError):
             self.reset_in_progress()
         self._conn.close()
-        os.close(self._lock)
+        if self._lock is not None:
+            self._lock.release()
         self._check()
 
     def _check(self) -> None:
         if self._error is not None:
-            raise _disk_error(self.run_dir, self._error)
+            raise RunDirError.writing(self.run_dir, self._error)
 
     def _write_loop(self) -> None:
         pending: list[_Op] = []
@@ -427,28 +428,46 @@ def _open_journal(run_dir: Path, snapshot: Mapping[str, Any], *, force: bool) ->
                           orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     except (sqlite3.DatabaseError, OSError) as exc:
         conn.close()
-        raise _disk_error(run_dir, exc) from None
+        raise RunDirError.writing(run_dir, exc) from None
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _lock(run_dir: Path) -> int:
-    """One writer per run directory: two runs on one journal would do the work twice."""
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise RunDirError(
-            f"{run_dir}: in use by another run (pid {holder}); wait for it to finish, "
-            "or pass another --run-dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
+class RunLock:
+    """One writer per run directory: two runs on one journal would do the work twice.
+
+    Taken before anything is written there (the seed store, the journal), and
+    released by the OS if the process dies.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError.writing(run_dir, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(
+                f"{run_dir}: in use by another run (pid {holder}); wait for it to finish, "
+                "or pass another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

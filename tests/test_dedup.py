@@ -8,7 +8,7 @@ import pytest
 
 from gra_async.config import PlannerConfig
 from gra_async.dedup import Deduplicator, Similarity, _band_layout, normalize, shingles
-from gra_async.planner import load_seeds
+from gra_async.seeds import SeedStore
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -87,7 +87,7 @@ class TestNearDuplicates:
         assert len(dedup) == 200
 
     def test_near_copy_of_a_seed(self) -> None:
-        seeds = load_seeds(None, PlannerConfig())
+        seeds = list(SeedStore.build(None, PlannerConfig(), seed=0))
         dedup = Deduplicator()
         for seed in seeds:
             dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")

@@ -1,4 +1,4 @@
-"""Seeds loading (every format, every malformed case), domain clustering, the task stream."""
+"""Seeds loading (every format, every malformed case), domain clustering, the seed store, the task stream."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from gra_async.config import PlannerConfig
 from gra_async.errors import SeedError
-from gra_async.planner import Planner, Seed, Task, assign_domains, domain_keywords, load_seeds
+from gra_async.planner import Planner, Task
+from gra_async.seeds import Seed, SeedStore, read_seeds
 
 CFG = PlannerConfig()
 
@@ -28,9 +29,22 @@ def row(**fields: object) -> str:
     return json.dumps(fields)
 
 
+def load_seeds(path: Path | None, cfg: PlannerConfig = CFG) -> list[Seed]:
+    """The records as read, before the store assigns domains."""
+    return [seed for _, seed in read_seeds(path, cfg)]
+
+
+def assign_domains(seeds: list[Seed], k: int, seed: int) -> list[Seed]:
+    return list(SeedStore.of(seeds, domains=k, seed=seed))
+
+
+def planner_of(seeds: list[Seed], run_seed: int, few_shot: int) -> Planner:
+    return Planner(SeedStore.of(seeds), run_seed, few_shot)
+
+
 def seed_error(path: Path, cfg: PlannerConfig = CFG) -> str:
     with pytest.raises(SeedError) as info:
-        load_seeds(path, cfg)
+        SeedStore.build(path, cfg, seed=0)
     message = str(info.value)
     assert "\n" not in message
     assert re.search(r"\(.+\)$", message), f"no advice in parentheses: {message}"
@@ -279,12 +293,15 @@ class TestDomains:
 
     def test_domain_keywords(self) -> None:
         seeds, _ = topical_seeds()
-        cooking = [s for s in seeds if s.id.startswith("cooking")]
-        words = domain_keywords(cooking, 4)
+        cooking = [Seed(s.id, s.instruction, s.response, "cooking") for s in seeds
+                   if s.id.startswith("cooking")]
+        words = planner_of(cooking, 0, 1).keywords("cooking", 0, 4)
         assert len(words) == 4 and set(words) <= set(TOPICS["cooking"])
-        assert words == domain_keywords(list(reversed(cooking)), 4)
-        shared = [Seed("x", "recipe planet", "recipe", "")] * 3 + [Seed("y", "recipe oven", "", "")]
-        assert domain_keywords(shared[3:], 1, corpus=shared) == ["oven"]
+        assert words == planner_of(list(reversed(cooking)), 0, 1).keywords("cooking", 0, 4)
+        # A word every domain uses sinks below the domain's own.
+        shared = [Seed(f"x{i}", "recipe planet", "recipe", "space") for i in range(3)]
+        shared.append(Seed("y", "recipe oven", "", "kitchen"))
+        assert planner_of(shared, 0, 1).keywords("kitchen", 0, 1) == ["oven"]
 
 
 # --------------------------------------------------------------------------- planner
@@ -301,26 +318,26 @@ def bundled() -> list[Seed]:
 
 class TestPlanner:
     def test_same_config_same_tasks_across_instances(self, bundled: list[Seed]) -> None:
-        assert first(Planner(bundled, 7, 3), 300) == first(Planner(list(bundled), 7, 3), 300)
+        assert first(planner_of(bundled, 7, 3), 300) == first(planner_of(list(bundled), 7, 3), 300)
 
     def test_run_seed_and_round_change_the_plan(self, bundled: list[Seed]) -> None:
-        base = first(Planner(bundled, 7, 3), 50)
-        assert base != first(Planner(bundled, 8, 3), 50)
-        assert [t.seed_ids for t in base] != [t.seed_ids for t in first(Planner(bundled, 7, 3), 50, round=1)]
+        base = first(planner_of(bundled, 7, 3), 50)
+        assert base != first(planner_of(bundled, 8, 3), 50)
+        assert [t.seed_ids for t in base] != [t.seed_ids for t in first(planner_of(bundled, 7, 3), 50, round=1)]
 
     def test_start_resumes_the_same_stream(self, bundled: list[Seed]) -> None:
-        planner = Planner(bundled, 1, 3)
+        planner = planner_of(bundled, 1, 3)
         assert first(planner, 40, start=17) == first(planner, 57)[17:]
 
     def test_task_shape(self, bundled: list[Seed]) -> None:
-        planner = Planner(bundled, 0, 3)
+        planner = planner_of(bundled, 0, 3)
         for i, task in enumerate(first(planner, 120, round=2)):
             assert task.id == f"r2-{i:07d}" and task.index == i and task.round == 2
             assert len(task.seed_ids) == 3 == len(set(task.seed_ids))
             assert all(planner.seed(s).domain == task.domain for s in task.seed_ids)
 
     def test_every_domain_once_per_cycle(self, bundled: list[Seed]) -> None:
-        planner = Planner(bundled, 5, 2)
+        planner = planner_of(bundled, 5, 2)
         domains = planner.domains
         tasks = first(planner, len(domains) * 10)
         for c in range(10):
@@ -329,35 +346,97 @@ class TestPlanner:
 
     def test_small_pool_and_zero_shot(self) -> None:
         seeds = [Seed("a", "i", "r", "x"), Seed("b", "i2", "r2", "y")]
-        assert {t.seed_ids for t in first(Planner(seeds, 0, 3), 10)} == {("a",), ("b",)}
-        assert {t.seed_ids for t in first(Planner(seeds, 0, 0), 10)} == {()}
+        assert {t.seed_ids for t in first(planner_of(seeds, 0, 3), 10)} == {("a",), ("b",)}
+        assert {t.seed_ids for t in first(planner_of(seeds, 0, 0), 10)} == {()}
 
     def test_add_seeds_joins_next_stream_not_the_running_one(self) -> None:
-        planner = Planner([Seed("a", "i", "r", "x")], 0, 2)
+        planner = planner_of([Seed("a", "i", "r", "x")], 0, 2)
         running = planner.tasks(1)
         next(running)
-        planner.add_seeds([Seed("b", "i2", "r2", "x"), Seed("c", "i3", "r3", "new")])
+        planner.add_seeds([Seed("b", "i2", "r2", "x"), Seed("c", "i3", "r3", "new")], 1)
         assert all(t.domain == "x" and t.seed_ids == ("a",) for t in itertools.islice(running, 20))
         fresh = first(planner, 20, round=1)
         assert {t.domain for t in fresh} == {"x", "new"}
         assert any(len(t.seed_ids) == 2 for t in fresh)
-        assert [s.id for s in planner.seeds_of("x")] == ["a", "b"]
+        assert {t.seed_ids for t in first(planner, 20, round=0)} == {("a",)}  # round 0's pool
 
     def test_add_seeds_is_idempotent_and_checks(self) -> None:
         seed = Seed("a", "i", "r", "x")
-        planner = Planner([seed], 0, 1)
-        planner.add_seeds([seed])
+        planner = planner_of([seed], 0, 1)
+        planner.add_seeds([seed], 1)
         assert len(planner) == 1
         with pytest.raises(ValueError, match="already used"):
-            planner.add_seeds([Seed("a", "other", "r", "x")])
-        with pytest.raises(ValueError, match="assign_domains"):
-            planner.add_seeds([Seed("b", "i", "r", "")])
+            planner.add_seeds([Seed("a", "other", "r", "x")], 1)
+        with pytest.raises(ValueError, match="no domain"):
+            planner.add_seeds([Seed("b", "i", "r", "")], 1)
         with pytest.raises(KeyError):
             planner.seed("missing")
+        assert len(planner) == 1  # a refused batch adds nothing
 
     def test_keywords_are_cached_and_refreshed(self, bundled: list[Seed]) -> None:
-        planner = Planner(bundled, 0, 3)
-        before = planner.keywords("data-sql", 5)
-        assert "sql" in before and planner.keywords("data-sql", 5) == before
-        planner.add_seeds([Seed(f"z{i}", "zebra zebra", "zebra", "data-sql") for i in range(30)])
-        assert planner.keywords("data-sql", 5)[0] == "zebra"
+        planner = planner_of(bundled, 0, 3)
+        before = planner.keywords("data-sql", 2, 5)
+        assert "sql" in before and planner.keywords("data-sql", 2, 5) == before
+        planner.add_seeds([Seed(f"z{i}", "zebra zebra", "zebra", "data-sql") for i in range(30)], 2)
+        assert planner.keywords("data-sql", 2, 5)[0] == "zebra"
+        assert planner.keywords("data-sql", 1, 5) == before  # round 1's pool has no zebra
+
+
+# --------------------------------------------------------------------------- seed store
+
+
+def numbered(n: int, domain: str = "d", start: int = 0) -> list[Seed]:
+    return [Seed(f"s{i}", f"question {i}", f"answer {i}", domain) for i in range(start, start + n)]
+
+
+class TestSeedStore:
+    def test_positions_follow_joining_order_and_rounds_see_their_pool(self) -> None:
+        store = SeedStore.of(numbered(3))
+        store.add(numbered(2, start=3), joined=2)
+        assert store.pool_sizes(1) == {"d": 3} and store.pool_sizes(2) == {"d": 5}
+        assert store.ids_at("d", [4, 0, 3]) == ("s4", "s0", "s3")
+        # A late seed of an earlier round joins the newest pool: positions stay in order.
+        store.add([Seed("late", "q", "a", "d")], joined=1)
+        assert store.pool_sizes(1) == {"d": 3} and store.ids_at("d", [5]) == ("late",)
+        assert [s.id for s in store] == [f"s{i}" for i in range(5)] + ["late"]
+
+    def test_frequencies_by_round(self) -> None:
+        store = SeedStore.of([Seed("a", "zebra", "lion", "x"), Seed("b", "lion", "lion", "y")])
+        store.add([Seed("c", "zebra", "zebra", "x")], joined=2)
+        assert store.frequencies("x", 1) == ({"zebra": 1, "lion": 1}, 1, {"zebra": 1, "lion": 2}, 2)
+        assert store.frequencies("x", 2) == ({"zebra": 2, "lion": 1}, 2, {"zebra": 2, "lion": 2}, 3)
+
+    def test_run_directory_store_is_reused_by_key_and_rebuilt_otherwise(self, tmp_path: Path) -> None:
+        seeds = write_lines(tmp_path / "s.jsonl", *(row(instruction=f"q{i}", response="a")
+                                                    for i in range(5)))
+        path = tmp_path / "run" / "seeds.sqlite"
+        path.parent.mkdir()
+        store = SeedStore.build(seeds, CFG, seed=0, path=path, key="k1")
+        store.add([Seed("round-1", "q", "a", store.domains()[0])], joined=2)
+        store.close()
+        again = SeedStore.build(seeds, CFG, seed=0, path=path, key="k1")
+        assert len(again) == 6  # reused as it was, the round's seed included
+        again.close()
+        rebuilt = SeedStore.build(seeds, CFG, seed=0, path=path, key="k2")
+        assert len(rebuilt) == 5
+        rebuilt.close()
+        assert sorted(p.name for p in path.parent.iterdir()) == ["seeds.sqlite"]
+
+    def test_bad_seed_leaves_no_store(self, tmp_path: Path) -> None:
+        seeds = write_lines(tmp_path / "s.jsonl", row(instruction="q", response="a"), "{oops")
+        path = tmp_path / "seeds.sqlite"
+        with pytest.raises(SeedError, match=":2: invalid JSON"):
+            SeedStore.build(seeds, CFG, seed=0, path=path, key="k")
+        assert list(tmp_path.iterdir()) == [seeds]
+
+    def test_clustering_a_large_unlabelled_set_is_sampled_and_chunked(self) -> None:
+        # More seeds than the fit sample and than one assignment chunk: every seed still
+        # lands in one of a handful of domains, the same ones on a second build.
+        seeds, truth = topical_seeds(2200)
+        first_store, second_store = SeedStore.of(seeds, domains=3, seed=4), SeedStore.of(seeds, domains=3, seed=4)
+        labelled = list(first_store)
+        assert labelled == list(second_store)
+        groups: dict[str, set[str]] = {}
+        for s in labelled:
+            groups.setdefault(s.domain, set()).add(truth[s.id])
+        assert len(groups) == 3 and all(len(topics) == 1 for topics in groups.values())

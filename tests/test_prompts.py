@@ -9,8 +9,8 @@ import pytest
 
 from gra_async import defaults
 from gra_async.errors import ConfigError
-from gra_async.planner import Seed
 from gra_async.prompts import PromptSet, ReviewView, Template, default_prompts_dir
+from gra_async.seeds import Seed
 
 CRITERIA = defaults.CRITERIA
 HOSTILE = (
