@@ -1,7 +1,7 @@
 """Journal benchmarks: resume start-up on a large journal, and memory against plan size.
 
     python bench/journal_bench.py resume --calls 100000
-    python bench/journal_bench.py memory --seeds 10000 100000 [--unlabelled]
+    python bench/journal_bench.py memory --seeds 10000 100000 [--unlabelled] [--target 2000]
 
 `resume` writes a journal of N calls (3 per task, a few tasks left unfinished) through the
 real writer, then times what a resume does before its first call: open the journal,
@@ -81,15 +81,15 @@ def resume(calls: int) -> None:
     print(f"dedup index fill (worker thread, beside the first calls): {fill:.1f} s")
 
 
-def memory(sizes: list[int], unlabelled: bool) -> None:
+def memory(sizes: list[int], unlabelled: bool, target: int) -> None:
     for size in sizes:
-        flags = ["--unlabelled"] if unlabelled else []
+        flags = ["--target", str(target), *(["--unlabelled"] if unlabelled else [])]
         out = subprocess.run([sys.executable, __file__, "_memory_child", str(size), *flags],
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip())
 
 
-def _memory_child(size: int, unlabelled: bool) -> None:
+def _memory_child(size: int, unlabelled: bool, target: int) -> None:
     from gra_async.config import load_config
     from gra_async.runner import open_run
     from gra_async.testing.fake_server import FakeServerProcess
@@ -110,7 +110,7 @@ def _memory_child(size: int, unlabelled: bool) -> None:
                                      rules=[{"model": "r", "content": review}])
     url = server.base_url
     config = load_config(None, environ={}, overrides={
-        "run": {"run_dir": work / "run", "target": 2000, "concurrency": 200},
+        "run": {"run_dir": work / "run", "target": target, "concurrency": 200},
         "planner": {"seeds": seeds},
         "endpoints": {"generator": [{"base_url": url, "model": "g", "max_concurrency": 200}],
                       "reviewer": [{"base_url": url, "model": "r", "max_concurrency": 200}]},
@@ -129,7 +129,7 @@ def _memory_child(size: int, unlabelled: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kind = "unlabelled" if unlabelled else "labelled"
-    print(f"seeds={size:>7} ({kind})  target=2000  C=200  wall={wall:.1f}s  peak RSS={rss:.0f} MB")
+    print(f"seeds={size:>7} ({kind})  target={target}  C=200  wall={wall:.1f}s  peak RSS={rss:.0f} MB")
 
 
 def main() -> None:
@@ -140,16 +140,18 @@ def main() -> None:
     m = sub.add_parser("memory")
     m.add_argument("--seeds", type=int, nargs="+", default=[10_000, 100_000])
     m.add_argument("--unlabelled", action="store_true")
+    m.add_argument("--target", type=int, default=2000)
     c = sub.add_parser("_memory_child")
     c.add_argument("size", type=int)
     c.add_argument("--unlabelled", action="store_true")
+    c.add_argument("--target", type=int, default=2000)
     args = parser.parse_args()
     if args.what == "resume":
         resume(args.calls)
     elif args.what == "memory":
-        memory(args.seeds, args.unlabelled)
+        memory(args.seeds, args.unlabelled, args.target)
     else:
-        _memory_child(args.size, args.unlabelled)
+        _memory_child(args.size, args.unlabelled, args.target)
 
 
 if __name__ == "__main__":

@@ -65,13 +65,23 @@ def slow_server(fake_server: FakeServer) -> FakeServer:
     return fake_server
 
 
-def test_kill_9_at_random_moments_loses_nothing(slow_server: FakeServer, tmp_path: Path) -> None:
-    target = 100
-    rng = random.Random(2024)
+def seed_store(run_dir: Path) -> tuple[str, dict[str, int]]:
+    """(integrity, id -> joining round) of the seeds that joined after round 0."""
+    with sqlite3.connect(run_dir / "seeds.sqlite") as conn:
+        check = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        return check, dict(conn.execute("SELECT id, joined FROM seeds WHERE joined > 0"))
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_kill_9_at_random_moments_loses_nothing(
+    slow_server: FakeServer, tmp_path: Path, rounds: int
+) -> None:
+    target = 100 if rounds == 1 else 60
+    rng = random.Random(2024 + rounds)
     kills = 0
     seen: set[str] = set()
     for _ in range(30):
-        proc = launch(slow_server, tmp_path, "--target", str(target))
+        proc = launch(slow_server, tmp_path, "--target", str(target), "--rounds", str(rounds))
         try:
             proc.wait(timeout=rng.uniform(0.8, 2.5))  # start-up alone takes ~0.5 s
         except subprocess.TimeoutExpired:
@@ -79,6 +89,8 @@ def test_kill_9_at_random_moments_loses_nothing(slow_server: FakeServer, tmp_pat
             proc.wait()
             kills += 1
             assert integrity(tmp_path) == "ok"
+            if (tmp_path / "seeds.sqlite").exists():
+                assert seed_store(tmp_path)[0] == "ok"
             now = set(accepted_ids(tmp_path))
             assert seen <= now, "an accepted sample disappeared after kill -9"
             seen = now
@@ -99,6 +111,14 @@ def test_kill_9_at_random_moments_loses_nothing(slow_server: FakeServer, tmp_pat
     sent = slow_server.stats()["chat_requests"]
     journaled = journal_calls(tmp_path)
     assert journaled <= sent <= journaled + (kills + 1) * 2 * CONCURRENCY
+    # Accepted samples of each round joined the next round's pool, each once, whatever
+    # the kills interrupted (the pool grows in one transaction at each round's start).
+    check, joined = seed_store(tmp_path)
+    assert check == "ok"
+    with sqlite3.connect(tmp_path / "journal.sqlite") as conn:
+        expected = dict(conn.execute("SELECT task_id, round + 1 FROM samples "
+                                     "WHERE state = 'accepted' AND round < ?", (rounds,)))
+    assert joined == expected
 
 
 def test_sigint_exits_130_then_resume_finishes(slow_server: FakeServer, tmp_path: Path) -> None:
