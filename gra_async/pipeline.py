@@ -145,7 +145,10 @@ class Pipeline:
             task.cancel()
 
     def _fill_dedup(self) -> None:
-        for record in self.journal.accepted():
+        """Reload the dedup index from the journal; index accepted samples it lacks (none,
+        unless the journal was made with another dedup layout)."""
+        self.dedup.load()
+        for record in self.journal.unindexed_accepted():
             self.dedup.add(record.task_id, _dedup_text(record.body))
 
     async def _dedup_index(self) -> Deduplicator:
@@ -154,8 +157,8 @@ class Pipeline:
         return self.dedup
 
     async def run(self) -> Progress:
-        # Hashing every accepted sample takes ~0.4 ms each: a worker thread does it while
-        # the first calls are in flight; tasks wait for it only at their dedup step.
+        # A worker thread reloads the dedup index (~0.3 s per 100,000 samples) while the
+        # first calls are in flight; tasks wait for it only at their dedup step.
         self._dedup_filled = asyncio.ensure_future(asyncio.to_thread(self._fill_dedup))
         try:
             return await self._run_rounds()

@@ -17,7 +17,7 @@ import orjson
 
 from gra_async.client import AiohttpTransport, EndpointStats
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
-from gra_async.dedup import Deduplicator
+from gra_async.dedup import Deduplicator, layout
 from gra_async.pipeline import Pipeline, plan_size
 from gra_async.planner import Planner
 from gra_async.prompts import PromptSet, default_prompts_dir
@@ -145,7 +145,8 @@ async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[R
                 team = await build_team(live, transport)
                 journal = Journal.open(run_dir, inputs, force=force, lock=lock)
                 try:
-                    dedup = Deduplicator(threshold=config.planner.near_dup_threshold)
+                    threshold = config.planner.near_dup_threshold
+                    dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
                     planner = Planner(seeds, config.run.seed, config.generation.few_shot)
                     pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
                     pipeline.resume_state()

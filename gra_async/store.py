@@ -7,15 +7,19 @@ most the rows of one commit window, and those are calls that resume simply sends
 
 Layout of `runs/<name>/`:
     config.json       the resolved config, as the run was started (no secrets)
-    journal.sqlite    calls, samples, meta (+ -wal / -shm while open)
+    journal.sqlite    calls, samples, dedup fingerprints, meta (+ -wal / -shm while open)
+    seeds.sqlite      the seed pool (`seeds.SeedStore`), rebuilt from the seed files if lost
+    .lock             held by the run writing here
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 import queue
 import sqlite3
@@ -34,6 +38,7 @@ __all__ = [
     "TERMINAL_STATES",
     "CallRecord",
     "Journal",
+    "JournalFingerprints",
     "JournalReader",
     "RunLock",
     "SampleRecord",
@@ -76,6 +81,13 @@ CREATE TABLE IF NOT EXISTS samples (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_state ON samples (state);
+-- Dedup fingerprints of accepted samples (see JournalFingerprints), one row each.
+CREATE TABLE IF NOT EXISTS dedup_keys (
+    task_id TEXT NOT NULL UNIQUE,
+    digest INTEGER NOT NULL,
+    buckets BLOB NOT NULL,   -- int64 per LSH band
+    shingles BLOB            -- sorted uint64 shingle hashes; NULL under three words
+);
 """
 
 
@@ -146,11 +158,13 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 def _samples(
     conn: sqlite3.Connection, states: tuple[str, ...], before_round: int | None = None,
+    unindexed: bool = False,
 ) -> Iterator[SampleRecord]:
     marks = ",".join("?" * len(states))
+    unindexed_sql = "AND task_id NOT IN (SELECT task_id FROM dedup_keys)" if unindexed else ""
     rows = conn.execute(
         f"SELECT task_id, round, idx, state, domain, seed_ids, body FROM samples "
-        f"WHERE state IN ({marks}) AND round < ? ORDER BY round, idx",
+        f"WHERE state IN ({marks}) AND round < ? {unindexed_sql} ORDER BY round, idx",
         (*states, 1 << 62 if before_round is None else before_round),
     )
     while batch := rows.fetchmany(256):
@@ -188,8 +202,10 @@ class JournalReader:
 
     def samples(
         self, states: tuple[str, ...] = TERMINAL_STATES, *, before_round: int | None = None,
+        unindexed: bool = False,
     ) -> Iterator[SampleRecord]:
-        return _samples(self._conn, states, before_round)
+        """Samples in plan order; of earlier rounds only, or missing from the dedup index."""
+        return _samples(self._conn, states, before_round, unindexed)
 
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -201,6 +217,7 @@ class JournalReader:
 
 
 _Op = tuple[str, tuple[Any, ...]]
+_Group = list[_Op]  # committed together or not at all
 _STOP = object()
 
 
@@ -211,7 +228,12 @@ class Journal:
         self.run_dir = run_dir
         self._conn = conn
         self._lock = lock
-        self._queue: queue.SimpleQueue[_Op | object | asyncio.Future[None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op | _Group | object | asyncio.Future[None]] = (
+            queue.SimpleQueue())
+        self._sequence = itertools.count(1)  # of queued writes; `committed` follows it
+        self._order = threading.Lock()
+        self.committed = 0  # writes committed so far, in queue order (set by the writer)
+        self._fingerprints: JournalFingerprints | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,9 +304,16 @@ class Journal:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
 
-    def record_call(self, record: CallRecord) -> None:
+    def _put(self, write: _Op | _Group) -> int:
+        """Queue one write for the writer thread; its number, for `committed`."""
         self._check()
-        self._queue.put((
+        with self._order:  # numbers follow queue order, whichever thread writes
+            number = next(self._sequence)
+            self._queue.put(write)
+        return number
+
+    def record_call(self, record: CallRecord) -> None:
+        self._put((
             "INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (record.key, record.task_id, record.role, record.model, record.endpoint,
              record.content, record.finish_reason, record.prompt_tokens,
@@ -292,22 +321,49 @@ class Journal:
         ))
 
     def record_sample(self, sample: SampleRecord) -> None:
-        self._check()
-        self._queue.put((
+        """An accepted sample is committed together with its dedup fingerprint, if indexed."""
+        write = (
             "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?)",
             (sample.task_id, sample.round, sample.index, sample.state, sample.domain,
              orjson.dumps(list(sample.seed_ids)).decode(), orjson.dumps(sample.body).decode(),
              time.time()),
-        ))
+        )
+        if sample.state == "accepted" and self._fingerprints is not None:
+            self._fingerprints.commit_with(sample.task_id, write)
+        else:
+            self._put(write)
 
     def set_meta(self, key: str, value: str) -> None:
-        self._check()
-        self._queue.put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
+        self._put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
 
     def forget_sample(self, task_id: str) -> None:
         """A cancelled task goes back to `planned` (DESIGN.md §6: in_progress is 0 after exit)."""
-        self._check()
-        self._queue.put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
+        self._put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
+
+    def fingerprints(self, layout: str) -> JournalFingerprints:
+        """The dedup fingerprints kept in this journal (call before `start`).
+
+        `layout` says how fingerprints were made; those made another way are dropped,
+        and `unindexed_accepted` then lists every accepted sample to index again.
+        """
+        stored = self._conn.execute("SELECT value FROM meta WHERE key = 'dedup_layout'").fetchone()
+        if stored is None or stored[0] != layout:
+            self._conn.execute("BEGIN")
+            self._conn.execute("DELETE FROM dedup_keys")
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dedup_layout', ?)",
+                               (layout,))
+            self._conn.execute("COMMIT")
+        self._fingerprints = JournalFingerprints(self)
+        return self._fingerprints
+
+    def unindexed_accepted(self) -> Iterator[SampleRecord]:
+        """Accepted samples missing from the dedup index (a journal from before it, or a new
+        layout), streamed like `accepted`."""
+        reader = JournalReader(self.run_dir)
+        try:
+            yield from reader.samples(("accepted",), unindexed=True)
+        finally:
+            reader.close()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -327,6 +383,8 @@ class Journal:
         with contextlib.suppress(sqlite3.DatabaseError):
             self.reset_in_progress()
         self._conn.close()
+        if self._fingerprints is not None:
+            self._fingerprints.close()
         if self._lock is not None:
             self._lock.release()
         self._check()
@@ -336,7 +394,8 @@ class Journal:
             raise RunDirError.writing(self.run_dir, self._error)
 
     def _write_loop(self) -> None:
-        pending: list[_Op] = []
+        pending: list[_Op | _Group] = []
+        taken = 0
         waiters: list[asyncio.Future[None]] = []
         deadline = time.monotonic() + _COMMIT_EVERY
         stop = False
@@ -351,9 +410,11 @@ class Journal:
                 waiters.append(item)
             elif item is not None:
                 pending.append(item)  # type: ignore[arg-type]
+                taken += 1
             due = time.monotonic() >= deadline or len(pending) >= _COMMIT_ROWS
             if (due or waiters or stop) and (pending or waiters):
-                self._commit(pending)
+                if self._commit(pending):
+                    self.committed = taken
                 pending = []
                 for future in waiters:
                     self._resolve(future)
@@ -361,18 +422,23 @@ class Journal:
             if due:
                 deadline = time.monotonic() + _COMMIT_EVERY
 
-    def _commit(self, ops: list[_Op]) -> None:
-        if not ops or self._error is not None:
-            return
+    def _commit(self, writes: list[_Op | _Group]) -> bool:
+        if self._error is not None:
+            return False
+        if not writes:
+            return True
         try:
             self._conn.execute("BEGIN")
-            for sql, params in ops:
-                self._conn.execute(sql, params)
+            for write in writes:
+                for sql, params in write if isinstance(write, list) else (write,):
+                    self._conn.execute(sql, params)
             self._conn.execute("COMMIT")
         except (sqlite3.DatabaseError, OSError) as exc:
             self._error = exc
             with contextlib.suppress(sqlite3.DatabaseError):
                 self._conn.execute("ROLLBACK")
+            return False
+        return True
 
     def _resolve(self, future: asyncio.Future[None]) -> None:
         def settle() -> None:
@@ -382,6 +448,72 @@ class Journal:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop already closed
             self._loop.call_soon_threadsafe(settle)
+
+
+class JournalFingerprints:
+    """The dedup fingerprints of a run's accepted samples, kept in its journal
+    (a `dedup.FingerprintStore`).
+
+    A fingerprint is committed in the same transaction as its sample's accepted state,
+    so a crash keeps both or neither. Until that commit lands, its shingle hashes are
+    served from here; after it, from the table, on a connection of its own (WAL: reads
+    never wait for the writer).
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._read = _connect(journal.run_dir / "journal.sqlite", readonly=True)
+        self._unsaved: dict[str, tuple[int, bytes, bytes | None]] = {}
+        self._queued: collections.deque[tuple[int, str]] = collections.deque()
+
+    def save(self, key: str, digest: int, buckets: bytes, shingles: bytes | None) -> None:
+        """Held until the sample is recorded as accepted (`commit_with`); a sample accepted
+        already (indexed again after a layout change) is written at once."""
+        self._prune()
+        self._unsaved[key] = (digest, buckets, shingles)
+        accepted = self._read.execute(
+            "SELECT 1 FROM samples WHERE task_id = ? AND state = 'accepted'", (key,)).fetchone()
+        if accepted is not None:
+            self.commit_with(key, None)
+
+    def saved(self) -> Iterator[tuple[str, int, bytes]]:
+        reader = _connect(self._journal.run_dir / "journal.sqlite", readonly=True)
+        try:
+            rows = reader.execute("SELECT task_id, digest, buckets FROM dedup_keys ORDER BY rowid")
+            while batch := rows.fetchmany(1024):
+                yield from batch
+        finally:
+            reader.close()
+
+    def shingles(self, key: str) -> bytes | None:
+        self._prune()
+        unsaved = self._unsaved.get(key)
+        if unsaved is not None:
+            return unsaved[2]
+        row = self._read.execute("SELECT shingles FROM dedup_keys WHERE task_id = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def commit_with(self, key: str, write: _Op | None) -> None:
+        """Queue `key`'s fingerprint and `write` as one transaction."""
+        unsaved = self._unsaved.get(key)
+        group: _Group = []
+        if unsaved is not None:
+            group.append(("INSERT OR IGNORE INTO dedup_keys (task_id, digest, buckets, shingles) "
+                          "VALUES (?, ?, ?, ?)", (key, *unsaved)))
+        if write is not None:
+            group.append(write)
+        number = self._journal._put(group)
+        if unsaved is not None:
+            self._queued.append((number, key))
+
+    def _prune(self) -> None:
+        """Drop the copies of fingerprints the writer has committed."""
+        committed = self._journal.committed
+        while self._queued and self._queued[0][0] <= committed:
+            self._unsaved.pop(self._queued.popleft()[1], None)
+
+    def close(self) -> None:
+        self._read.close()
 
 
 def _diff_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -50,9 +50,10 @@ class TestNormalize:
 class TestExact:
     def test_same_text_after_normalisation(self) -> None:
         dedup = Deduplicator()
+        index = dedup.index
         assert dedup.check_and_add("s1", "What is the capital of France?") is None
         assert dedup.check_and_add("s2", "what is the CAPITAL of france") == "s1"
-        assert len(dedup) == 1 and "s2" not in dedup
+        assert len(index) == 1 and "s2" not in index
 
     def test_short_texts_match_exactly_only(self) -> None:
         dedup = Deduplicator()
@@ -82,24 +83,23 @@ class TestNearDuplicates:
 
     def test_unrelated_texts(self) -> None:
         dedup = Deduplicator()
+        index = dedup.index
         for i in range(200):
             assert dedup.check_and_add(f"t{i}", " ".join(words(40, seed=100 + i))) is None
-        assert len(dedup) == 200
+        assert len(index) == 200
 
     def test_near_copy_of_a_seed(self) -> None:
         seeds = list(SeedStore.build(None, PlannerConfig(), seed=0))
         dedup = Deduplicator()
         for seed in seeds:
-            dedup.add_reference(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
+            dedup.add(f"seed:{seed.id}", f"{seed.instruction}\n{seed.response}")
         target = next(s for s in seeds if s.id == "sci-01")
         # A small model's typical "new" sample: the example, lightly reworded.
         copy = (f"{target.instruction.replace('Why', 'why')}\n"
                 f"{target.response.replace('Sunlight contains', 'Sunlight has')}")
-        duplicate = dedup.check("sample-1", copy)
-        assert duplicate == "seed:sci-01" and dedup.is_reference(duplicate)
+        assert dedup.check("sample-1", copy) == "seed:sci-01"
         fresh = "Why do leaves change colour in autumn?\nChlorophyll breaks down in the cold."
         assert dedup.check("sample-2", fresh) is None
-        assert not dedup.is_reference("sample-2")
 
     def test_best_match_wins(self) -> None:
         base = words(100, seed=3)
@@ -112,18 +112,20 @@ class TestNearDuplicates:
 class TestBookkeeping:
     def test_check_stores_nothing(self) -> None:
         dedup = Deduplicator()
+        index = dedup.index
         assert dedup.check("a", "one two three four") is None
         assert dedup.check("b", "one two three four") is None
-        assert len(dedup) == 0
+        assert len(index) == 0
 
     def test_readding_a_key_is_a_no_op_and_never_its_own_duplicate(self) -> None:
         dedup = Deduplicator()
+        index = dedup.index
         text = " ".join(words(50, seed=4))
         dedup.add("a", text)
         dedup.add("a", text)
-        assert len(dedup) == 1
+        assert len(index) == 1
         assert dedup.check("a", text) is None  # resume re-checks a stored sample
-        assert dedup.check_and_add("a", text) is None and len(dedup) == 1
+        assert dedup.check_and_add("a", text) is None and len(index) == 1
         assert dedup.check("b", text) == "a"
 
     def test_deterministic(self) -> None:
@@ -143,6 +145,23 @@ class TestBookkeeping:
     def test_invalid_threshold(self) -> None:
         with pytest.raises(ValueError, match="threshold"):
             Deduplicator(threshold=0.0)
+
+
+class TestPostings:
+    def test_many_entries_across_merged_runs_match_a_dict(self) -> None:
+        from gra_async.dedup import _Postings
+
+        rng = random.Random(7)
+        postings, reference = _Postings(), {}
+        keys = [rng.getrandbits(63) - (1 << 62) for _ in range(3000)]
+        for value in range(20_000):  # several sealed runs, merged size-tiered, and a fresh dict
+            key = rng.choice(keys)
+            postings.add([key], value)
+            reference.setdefault(key, []).append(value)
+        for key in [*rng.sample(keys, 300), 12345]:
+            assert sorted(postings.find([key])) == reference.get(key, [])
+        pair = keys[:2]
+        assert sorted(postings.find(pair)) == sorted(reference.get(pair[0], []) + reference.get(pair[1], []))
 
 
 class FakeSemantic:

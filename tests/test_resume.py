@@ -65,6 +65,12 @@ def slow_server(fake_server: FakeServer) -> FakeServer:
     return fake_server
 
 
+def indexed(run_dir: Path) -> set[str]:
+    """Samples in the dedup index: committed with the accepted state, so the same set."""
+    with sqlite3.connect(run_dir / "journal.sqlite") as conn:
+        return {r[0] for r in conn.execute("SELECT task_id FROM dedup_keys")}
+
+
 def seed_store(run_dir: Path) -> tuple[str, dict[str, int]]:
     """(integrity, id -> joining round) of the seeds that joined after round 0."""
     with sqlite3.connect(run_dir / "seeds.sqlite") as conn:
@@ -91,6 +97,7 @@ def test_kill_9_at_random_moments_loses_nothing(
             assert integrity(tmp_path) == "ok"
             if (tmp_path / "seeds.sqlite").exists():
                 assert seed_store(tmp_path)[0] == "ok"
+            assert indexed(tmp_path) == set(accepted_ids(tmp_path))
             now = set(accepted_ids(tmp_path))
             assert seen <= now, "an accepted sample disappeared after kill -9"
             seen = now
@@ -102,6 +109,7 @@ def test_kill_9_at_random_moments_loses_nothing(
     assert kills >= 2, "the run finished before it could be killed: make it slower"
     final = accepted_ids(tmp_path)
     assert len(final) == target and len(set(final)) == target
+    assert indexed(tmp_path) == set(final)
     assert seen <= set(final)
     assert integrity(tmp_path) == "ok"
     got = status(tmp_path)
