@@ -5,10 +5,11 @@
 
 `resume` writes a journal of N calls (3 per task, a few tasks left unfinished) through the
 real writer, accepted samples indexed for dedup as a run does, then times what a resume
-does before its first call: open the journal and its dedup index, load the finished
-tasks and the replies of unfinished tasks. The index lives in the journal, so nothing is
-re-hashed; `--reindex` also times indexing every accepted sample again (what a journal
-made with another dedup layout needs, done in a worker thread beside the first calls).
+does before its first call: open the journal, load the finished tasks and the replies
+of unfinished tasks; and, timed apart, the dedup index reloaded from the fingerprints
+in the journal (a worker thread does it beside the first calls). `--reindex` also
+times hashing every accepted sample again (what a journal made with another dedup
+layout needs).
 
 `memory` runs the pipeline (fake server, latency 50 ms, C=200) on generated seed files of
 each size and prints the peak RSS of each run, measured in its own process. With
@@ -39,7 +40,7 @@ def _text(t: int) -> str:
 
 async def _fill(run_dir: Path, calls: int) -> None:
     journal = Journal.open(run_dir, {"bench": 1})
-    dedup = Deduplicator(index=journal.fingerprint_index(layout()))
+    dedup = Deduplicator(store=journal.fingerprints(layout()))
     journal.start()
     tasks = calls // 3
     for t in range(tasks):
@@ -71,19 +72,22 @@ def resume(calls: int, reindex: bool) -> None:
         size = (run_dir / "journal.sqlite").stat().st_size / 2**20
         started = time.perf_counter()
         journal = Journal.open(run_dir, {"bench": 1})
-        dedup = Deduplicator(index=journal.fingerprint_index(layout()))
+        dedup = Deduplicator(store=journal.fingerprints(layout()))
         finished = journal.finished_tasks()
         cached = journal.unfinished_calls()
         counts = journal.state_counts()
-        missing = sum(1 for _ in journal.unindexed_accepted())
+        missing = sum(1 for _ in journal.accepted(unindexed=True))
         startup = time.perf_counter() - started
+        started = time.perf_counter()
+        loaded = dedup.load()
+        reload = time.perf_counter() - started
         refill = 0.0
         if reindex:
             asyncio.run(journal.close())
             journal = Journal.open(run_dir, {"bench": 1})
-            dedup = Deduplicator(index=journal.fingerprint_index("another-layout"))
+            dedup = Deduplicator(store=journal.fingerprints("another-layout"))
             started = time.perf_counter()
-            for record in journal.unindexed_accepted():
+            for record in journal.accepted(unindexed=True):
                 dedup.add(record.task_id, _text(record.index))
             refill = time.perf_counter() - started
         asyncio.run(journal.close())
@@ -93,6 +97,8 @@ def resume(calls: int, reindex: bool) -> None:
           f"written in {written:.1f} s (hashing each accepted sample for the dedup index included)")
     print(f"resume start-up: {startup:.2f} s (finished {len(finished)}, unfinished replies "
           f"{len(cached)}, accepted {counts['accepted']}, of which unindexed {missing})")
+    print(f"dedup index reloaded from the journal ({loaded} samples; worker thread, beside "
+          f"the first calls): {reload:.2f} s")
     if reindex:
         print(f"re-indexing {counts['accepted']} accepted samples (another layout): {refill:.1f} s")
 

@@ -148,7 +148,7 @@ class Pipeline:
         """Reload the dedup index from the journal; index accepted samples it lacks (none,
         unless the journal was made with another dedup layout)."""
         self.dedup.load()
-        for record in self.journal.unindexed_accepted():
+        for record in self.journal.accepted(unindexed=True):
             self.dedup.add(record.task_id, _dedup_text(record.body))
 
     async def _dedup_index(self) -> Deduplicator:
@@ -235,7 +235,8 @@ class Pipeline:
         gate = self.config.gate
         team = self.team.assign(task.id)
         examples = [self.planner.seed(s) for s in task.seed_ids]
-        messages = self.prompts.generator(task.domain, self.planner.keywords(task.domain, task.round), examples)
+        keywords = self.planner.keywords(task.domain, task.round)
+        messages = self.prompts.generator(task.domain, keywords, examples)
         sample, gen_reply = await self._structured(
             task, "generator", team.generator, messages, parse_generation, "gen"
         )

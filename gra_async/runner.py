@@ -136,32 +136,27 @@ async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[R
     prompts = PromptSet.load(config.prompts_dir)
     inputs = snapshot(config)
     run_dir = config.run.run_dir
-    lock = RunLock(run_dir)
-    transport = AiohttpTransport()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        lock = RunLock(run_dir)
+        stack.callback(lock.release)
+        transport = AiohttpTransport()
+        stack.push_async_callback(transport.aclose)
         seeds = _seed_store(config, inputs)
-        try:
-            async with _backend(config) as live:
-                team = await build_team(live, transport)
-                journal = Journal.open(run_dir, inputs, force=force, lock=lock)
-                try:
-                    threshold = config.planner.near_dup_threshold
-                    dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
-                    planner = Planner(seeds, config.run.seed, config.generation.few_shot)
-                    pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
-                    pipeline.resume_state()
-                    journal.start()
-                    journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
-                    journal.set_meta("target", str(config.run.target))
-                    journal.set_meta("prices", orjson.dumps(team.prices).decode())
-                    yield Run(live, journal, team, pipeline)
-                finally:
-                    await journal.close()
-        finally:
-            seeds.close()
-    finally:
-        await transport.aclose()
-        lock.release()
+        stack.callback(seeds.close)
+        live = await stack.enter_async_context(_backend(config))
+        team = await build_team(live, transport)
+        journal = Journal.open(run_dir, inputs, force=force, lock=lock)
+        stack.push_async_callback(journal.close)
+        threshold = config.planner.near_dup_threshold
+        dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
+        planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+        pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
+        pipeline.resume_state()
+        journal.start()
+        journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
+        journal.set_meta("target", str(config.run.target))
+        journal.set_meta("prices", orjson.dumps(team.prices).decode())
+        yield Run(live, journal, team, pipeline)
 
 
 def _seed_store(config: RunConfig, inputs: dict[str, Any]) -> SeedStore:

@@ -279,14 +279,17 @@ class Journal:
     def state_counts(self) -> dict[str, int]:
         return _state_counts(self._conn)
 
-    def accepted(self, before_round: int | None = None) -> Iterator[SampleRecord]:
-        """Accepted samples as committed so far (of earlier rounds only, if given), streamed.
+    def accepted(
+        self, before_round: int | None = None, *, unindexed: bool = False,
+    ) -> Iterator[SampleRecord]:
+        """Accepted samples as committed so far, streamed: of earlier rounds only, or only
+        those missing from the dedup index (a journal from before it, or a new layout).
 
         Read on a connection of their own, so any thread may call this while the writer runs.
         """
         reader = JournalReader(self.run_dir)
         try:
-            yield from reader.samples(("accepted",), before_round=before_round)
+            yield from reader.samples(("accepted",), before_round=before_round, unindexed=unindexed)
         finally:
             reader.close()
 
@@ -344,7 +347,7 @@ class Journal:
         """The dedup fingerprints kept in this journal (call before `start`).
 
         `layout` says how fingerprints were made; those made another way are dropped,
-        and `unindexed_accepted` then lists every accepted sample to index again.
+        and `accepted(unindexed=True)` then lists every accepted sample to index again.
         """
         stored = self._conn.execute("SELECT value FROM meta WHERE key = 'dedup_layout'").fetchone()
         if stored is None or stored[0] != layout:
@@ -355,15 +358,6 @@ class Journal:
             self._conn.execute("COMMIT")
         self._fingerprints = JournalFingerprints(self)
         return self._fingerprints
-
-    def unindexed_accepted(self) -> Iterator[SampleRecord]:
-        """Accepted samples missing from the dedup index (a journal from before it, or a new
-        layout), streamed like `accepted`."""
-        reader = JournalReader(self.run_dir)
-        try:
-            yield from reader.samples(("accepted",), unindexed=True)
-        finally:
-            reader.close()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""

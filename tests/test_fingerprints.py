@@ -88,7 +88,7 @@ def test_resume_finds_earlier_samples_without_rebuilding(tmp_path: Path) -> None
 
     async def second() -> None:
         journal, dedup = open_journal(tmp_path)
-        assert list(journal.unindexed_accepted()) == []
+        assert list(journal.accepted(unindexed=True)) == []
         assert dedup.load() == 20 and dedup.load() == 0
         journal.start()
         assert dedup.check("r1-0000100", near(7)) == "r1-0000007"
@@ -105,8 +105,8 @@ def test_a_new_layout_drops_the_index_and_lists_samples_to_index_again(tmp_path:
         journal, dedup = open_journal(tmp_path, threshold)
         journal.start()
         dedup.load()
-        missing = [r.task_id for r in journal.unindexed_accepted()]
-        for record in journal.unindexed_accepted():
+        missing = [r.task_id for r in journal.accepted(unindexed=True)]
+        for record in journal.accepted(unindexed=True):
             dedup.add(record.task_id, text(record.index))  # re-indexing an accepted sample
         if not missing:
             for i in range(5):
