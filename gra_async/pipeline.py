@@ -41,7 +41,7 @@ from gra_async.scoring import (
     verdict_schema,
 )
 from gra_async.seeds import Seed
-from gra_async.store import CallRecord, Journal, SampleRecord, call_key
+from gra_async.store import CallRecord, FinishedTasks, Journal, SampleRecord, call_key
 from gra_async.team import Team
 
 __all__ = ["Pipeline", "Progress", "plan_size"]
@@ -110,7 +110,7 @@ class Pipeline:
         self.dedup = dedup
         self._slots = asyncio.Semaphore(config.run.concurrency)
         self._cache: dict[str, CallRecord] = {}
-        self._finished: set[str] = set()
+        self._finished = FinishedTasks()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._goal = 0
@@ -202,7 +202,7 @@ class Pipeline:
     async def _admit(self, rnd: int, admit: asyncio.Semaphore) -> None:
         async with asyncio.TaskGroup() as group:
             for task in islice(self.planner.tasks(rnd), plan_size(self.config)):
-                if task.id in self._finished:
+                if (task.round, task.index) in self._finished:
                     continue
                 await admit.acquire()
                 if self._stopping or self.progress.accepted >= self._goal:

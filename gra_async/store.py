@@ -37,6 +37,7 @@ from gra_async.errors import RunDirError
 __all__ = [
     "TERMINAL_STATES",
     "CallRecord",
+    "FinishedTasks",
     "Journal",
     "JournalFingerprints",
     "JournalReader",
@@ -134,6 +135,30 @@ class SampleRecord:
     domain: str
     seed_ids: tuple[str, ...]
     body: Mapping[str, Any]
+
+
+class FinishedTasks:
+    """Finished tasks by (round, index), a byte each instead of a ~100-byte id in a set:
+    resuming a run of millions of tasks stays small."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, bytearray] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, task: tuple[int, int]) -> bool:
+        rnd, index = task
+        flags = self._rounds.get(rnd)
+        return flags is not None and index < len(flags) and bool(flags[index])
+
+    def add(self, rnd: int, index: int) -> None:
+        flags = self._rounds.setdefault(rnd, bytearray())
+        if index >= len(flags):
+            flags.extend(bytes(max(index + 1 - len(flags), len(flags))))
+        self._count += not flags[index]
+        flags[index] = 1
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -263,9 +288,12 @@ class Journal:
 
     # --- what resume needs -----------------------------------------------------------
 
-    def finished_tasks(self) -> set[str]:
-        rows = self._conn.execute(f"SELECT task_id FROM samples WHERE state IN {_TERMINAL_SQL}")
-        return {task_id for (task_id,) in rows}
+    def finished_tasks(self) -> FinishedTasks:
+        finished = FinishedTasks()
+        for rnd, index in self._conn.execute(
+                f"SELECT round, idx FROM samples WHERE state IN {_TERMINAL_SQL}"):
+            finished.add(rnd, index)
+        return finished
 
     def unfinished_calls(self) -> dict[str, CallRecord]:
         """Replies of tasks that were cut off mid-way: resume reuses them instead of re-sending."""

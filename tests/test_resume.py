@@ -218,3 +218,14 @@ def test_status_and_export_work_during_a_run(slow_server: FakeServer, tmp_path: 
     finally:
         proc.wait(timeout=120)
     assert proc.returncode == 0
+
+
+def test_finished_tasks_by_round_and_index() -> None:
+    from gra_async.store import FinishedTasks
+
+    finished = FinishedTasks()
+    for rnd, index in [(1, 0), (1, 5000), (2, 3), (1, 5000)]:
+        finished.add(rnd, index)
+    assert len(finished) == 3
+    assert (1, 0) in finished and (1, 5000) in finished and (2, 3) in finished
+    assert (1, 1) not in finished and (1, 10**6) not in finished and (3, 0) not in finished
