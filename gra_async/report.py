@@ -6,9 +6,11 @@ is writing and can never damage it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import orjson
 
 from gra_async.accounting import failure_kind, token_cost
 from gra_async.errors import RunDirError
-from gra_async.store import JournalReader, SampleRecord
+from gra_async.store import TERMINAL_STATES, JournalReader, SampleRecord
 
 __all__ = ["export", "format_status", "sample_row", "status_report"]
 
@@ -119,50 +121,82 @@ def sample_row(record: SampleRecord) -> dict[str, Any]:
 
 
 def export(run_dir: Path, out: Path, fmt: str, *, include_all: bool = False) -> tuple[int, Path]:
-    """Write the samples (accepted only, unless `include_all`) and a run summary next to them."""
+    """Write the samples (accepted only, unless `include_all`) and a run summary next to them.
+
+    One pass over the journal serves the rows and the summary. JSONL is written row by
+    row; Parquet holds the columns (Arrow), never a list of Python rows.
+    """
+    states = TERMINAL_STATES if include_all else ("accepted",)
+    tally = _Tally()
     reader = JournalReader(run_dir)
-    try:
-        states = ("accepted", "rejected", "failed") if include_all else ("accepted",)
-        everything = list(reader.samples())  # one read serves the rows and the summary
-        rows = [sample_row(r) for r in everything if r.state in states]
-        counts = reader.state_counts()
-        totals = reader.call_totals()
-    finally:
-        reader.close()
     tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "jsonl":
-            with open(tmp, "wb") as handle:
-                for row in rows:
-                    handle.write(orjson.dumps(row) + b"\n")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        rows = (sample_row(r) for r in tally.counted(reader.samples()) if r.state in states)
+        written = _write_jsonl(rows, tmp) if fmt == "jsonl" else _write_parquet(rows, tmp)
+        totals = reader.call_totals()
         os.replace(tmp, out)
         summary_path = out.with_name(out.stem + ".summary.json")
-        summary_path.write_bytes(orjson.dumps(_summary(counts, totals, everything),
-                                              option=orjson.OPT_INDENT_2))
+        summary_path.write_bytes(orjson.dumps(tally.summary(totals), option=orjson.OPT_INDENT_2))
     except OSError as exc:
         raise RunDirError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
-    return len(rows), summary_path
+    finally:
+        reader.close()
+    return written, summary_path
 
 
-def _summary(counts: dict[str, int], totals: list[tuple[str, str, int, int, int]],
-             samples: list[SampleRecord]) -> dict[str, Any]:
-    finished = counts["accepted"] + counts["rejected"] + counts["failed"]
-    decisions = Counter(str(s.body.get("decision")) for s in samples)
-    adjudicated = sum(1 for s in samples if s.body.get("adjudication"))
-    return {
-        "samples": finished,
-        "decisions": dict(decisions),
-        "acceptance_rate": counts["accepted"] / finished if finished else None,
-        "adjudication_rate": adjudicated / finished if finished else None,
-        "tokens": [
-            {"role": role, "model": model, "calls": n, "prompt_tokens": t_in or 0,
-             "completion_tokens": t_out or 0}
-            for role, model, n, t_in, t_out in totals
-        ],
-    }
+def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    written = 0
+    with open(path, "wb") as handle:
+        for row in rows:
+            handle.write(orjson.dumps(row) + b"\n")
+            written += 1
+    return written
+
+
+def _write_parquet(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Chunks may disagree on a column's type (all-null so far, a field only some rows
+    # have): concatenation promotes them to one schema.
+    tables = [pa.Table.from_pylist(chunk) for chunk in _chunks(rows, 2048)]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    pq.write_table(table, path)
+    return int(table.num_rows)
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+class _Tally:
+    """What the summary needs, counted while the samples stream past."""
+
+    def __init__(self) -> None:
+        self.states: Counter[str] = Counter()
+        self.decisions: Counter[str] = Counter()
+        self.adjudicated = 0
+
+    def counted(self, samples: Iterable[SampleRecord]) -> Iterator[SampleRecord]:
+        for sample in samples:
+            self.states[sample.state] += 1
+            self.decisions[str(sample.body.get("decision"))] += 1
+            self.adjudicated += bool(sample.body.get("adjudication"))
+            yield sample
+
+    def summary(self, totals: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:
+        finished = sum(self.states.values())
+        return {
+            "samples": finished,
+            "decisions": dict(self.decisions),
+            "acceptance_rate": self.states["accepted"] / finished if finished else None,
+            "adjudication_rate": self.adjudicated / finished if finished else None,
+            "tokens": [
+                {"role": role, "model": model, "calls": n, "prompt_tokens": t_in or 0,
+                 "completion_tokens": t_out or 0}
+                for role, model, n, t_in, t_out in totals
+            ],
+        }
