@@ -38,13 +38,10 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         plan = int(reader.meta("plan_size") or 0)
         target = int(reader.meta("target") or 0)
         totals = reader.call_totals()
-        failures: Counter[str] = Counter(
-            str(s.body.get("failure") or failure_kind(str(s.body.get("reason", "?"))))
-            for s in reader.samples(("failed",))
-        )
-        decisions: Counter[str] = Counter(
-            str(s.body.get("decision")) for s in reader.samples(("rejected",))
-        )
+        failures: Counter[str] = Counter()
+        for kind, reason, n in reader.body_counts("failed", "failure", "reason"):
+            failures[str(kind or failure_kind(str(reason or "?")))] += n
+        decisions = {str(decision): n for decision, n in reader.body_counts("rejected", "decision")}
         span = reader.time_span()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}

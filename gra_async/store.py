@@ -225,6 +225,13 @@ class JournalReader:
             "FROM calls GROUP BY role, model ORDER BY role, model"
         ))
 
+    def body_counts(self, state: str, *fields: str) -> list[tuple[Any, ...]]:
+        """(values of `fields` in the body, count) over the samples in `state`, counted by
+        SQLite: `status` stays fast on a journal of millions of samples."""
+        columns = ", ".join(f"json_extract(body, '$.{field}')" for field in fields)
+        return list(self._conn.execute(
+            f"SELECT {columns}, count(*) FROM samples WHERE state = ? GROUP BY {columns}", (state,)))
+
     def samples(
         self, states: tuple[str, ...] = TERMINAL_STATES, *, before_round: int | None = None,
         unindexed: bool = False,
