@@ -229,3 +229,30 @@ def test_finished_tasks_by_round_and_index() -> None:
     assert len(finished) == 3
     assert (1, 0) in finished and (1, 5000) in finished and (2, 3) in finished
     assert (1, 1) not in finished and (1, 10**6) not in finished and (3, 0) not in finished
+
+
+def test_kill_9_while_the_seed_store_is_built(slow_server: FakeServer, tmp_path: Path) -> None:
+    # Large enough that reading and clustering take seconds: the kill lands mid-build.
+    seeds = tmp_path / "seeds.jsonl"
+    with open(seeds, "w") as handle:
+        for i in range(60_000):
+            handle.write(json.dumps({"instruction": f"Explain topic{i % 50} case {i}",
+                                     "response": f"Topic{i % 50} answer number {i}."}) + "\n")
+    run_dir = tmp_path / "run"
+    proc = launch(slow_server, run_dir, "--target", "5", "--seeds", str(seeds))
+    deadline = time.monotonic() + 60
+    while not (run_dir / "seeds.sqlite.tmp").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "seeds.sqlite").exists()  # only the temporary file was written
+    proc = launch(slow_server, run_dir, "--target", "5", "--seeds", str(seeds))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert not (run_dir / "seeds.sqlite.tmp").exists()
+    with sqlite3.connect(run_dir / "seeds.sqlite") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM seeds").fetchone()[0] == 60_000
+        assert conn.execute("SELECT count(*) FROM seeds WHERE domain = ''").fetchone()[0] == 0
+    assert len(accepted_ids(run_dir)) == 5
