@@ -386,11 +386,16 @@ class Journal:
         """
         stored = self._conn.execute("SELECT value FROM meta WHERE key = 'dedup_layout'").fetchone()
         if stored is None or stored[0] != layout:
-            self._conn.execute("BEGIN")
-            self._conn.execute("DELETE FROM dedup_keys")
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dedup_layout', ?)",
-                               (layout,))
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("BEGIN")
+                self._conn.execute("DELETE FROM dedup_keys")
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('dedup_layout', ?)", (layout,))
+                self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise RunDirError.writing(self.run_dir, exc) from None
         self._fingerprints = JournalFingerprints(self)
         return self._fingerprints
 

@@ -202,6 +202,23 @@ def test_full_disk_stops_cleanly_and_resumes(
     assert kept <= set(accepted_ids(roomy)) and len(accepted_ids(roomy)) == 400
 
 
+def test_full_disk_while_the_seed_store_is_built(
+    fake_server: FakeServer, small_mount: Callable[..., Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seeds = tmp_path / "seeds.jsonl"  # ~2 MB of seeds: their store cannot fit in 512 KiB
+    seeds.write_text("".join(json.dumps({"instruction": f"Question {i} " * 4, "response": "ok",
+                                         "domain": "d"}) + "\n" for i in range(20_000)))
+    run_dir = small_mount("512k") / "run"
+    code = main(fixed_args(fake_server, run_dir, "--target", "5", "--seeds", str(seeds)))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "cannot write the seed store" in err and "disk is full" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # no partial store left
+    assert fake_server.stats()["chat_requests"] == 0
+
+
 def test_status_and_export_work_during_a_run(slow_server: FakeServer, tmp_path: Path) -> None:
     proc = launch(slow_server, tmp_path, "--target", "40")
     try:

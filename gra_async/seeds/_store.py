@@ -65,6 +65,20 @@ def _connect(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN ... COMMIT, rolled back on error, unless SQLite rolled back already (a full
+    disk does that): a second ROLLBACK would hide the real error."""
+    conn.execute("BEGIN")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class SeedStore:
     """Seeds by id, by (domain, position) and by round, with their word frequencies."""
 
@@ -108,8 +122,7 @@ class SeedStore:
 
     def _fill(self, rows: Iterable[tuple[str, Seed]], domains: int, seed: int) -> None:
         conn = self._conn
-        conn.execute("BEGIN")
-        try:
+        with _transaction(conn):
             for where, s in rows:
                 try:
                     conn.execute(
@@ -121,10 +134,6 @@ class SeedStore:
                                "make ids unique or drop the id field") from None
             self._assign_domains(domains, seed)
             self._number_new()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _assign_domains(self, k: int, seed: int) -> None:
         """Cluster the seeds that have no domain (TF-IDF + k-means) and name each cluster."""
@@ -209,8 +218,7 @@ class SeedStore:
         """
         conn = self._conn
         joined = max(joined, self._newest_round())
-        conn.execute("BEGIN")
-        try:
+        with _transaction(conn):
             for s in seeds:
                 if not s.domain:
                     raise ValueError(f"seed {s.id!r} has no domain")
@@ -221,10 +229,6 @@ class SeedStore:
                 if not inserted.rowcount and self.get(s.id) != s:
                     raise ValueError(f"seed id {s.id!r} is already used by a different seed")
             self._number_new()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     # --- reading ---------------------------------------------------------------------
 
