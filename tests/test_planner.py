@@ -422,6 +422,14 @@ class TestSeedStore:
         rebuilt.close()
         assert sorted(p.name for p in path.parent.iterdir()) == ["seeds.sqlite"]
 
+    def test_a_damaged_store_is_rebuilt(self, tmp_path: Path) -> None:
+        seeds = write_lines(tmp_path / "s.jsonl", row(instruction="q", response="a", domain="d"))
+        path = tmp_path / "seeds.sqlite"
+        path.write_bytes(b"this is not a database" * 100)
+        store = SeedStore.build(seeds, CFG, seed=0, path=path, key="k")
+        assert [s.id for s in store] == ["1"]
+        store.close()
+
     def test_bad_seed_leaves_no_store(self, tmp_path: Path) -> None:
         seeds = write_lines(tmp_path / "s.jsonl", row(instruction="q", response="a"), "{oops")
         path = tmp_path / "seeds.sqlite"

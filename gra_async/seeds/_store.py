@@ -110,13 +110,7 @@ class SeedStore:
             store._fill(read_seeds(source, cfg), cfg.domains, seed)
             return store
         try:
-            if path.exists():
-                store = cls(_connect(path))
-                if store._meta("key") == key and store._meta("version") == _VERSION:
-                    return store
-                store.close()
-            _build_file(path, source, cfg, seed, key)
-            return cls(_connect(path))
+            return _reusable(path, key) or _build_file(path, source, cfg, seed, key)
         except (sqlite3.DatabaseError, OSError) as exc:
             raise RunDirError.writing(path.parent, exc, "the seed store") from None
 
@@ -293,7 +287,22 @@ class SeedStore:
         self._conn.close()
 
 
-def _build_file(path: Path, source: Path | None, cfg: PlannerConfig, seed: int, key: str) -> None:
+def _reusable(path: Path, key: str) -> SeedStore | None:
+    """The store at `path` if it was built from the same inputs and reads back whole."""
+    if not path.exists():
+        return None
+    conn = _connect(path)
+    try:
+        store = SeedStore(conn)
+        if store._meta("key") == key and store._meta("version") == _VERSION:
+            return store
+    except sqlite3.DatabaseError:
+        pass  # damaged: rebuilt from the seed files like a store built from other inputs
+    conn.close()
+    return None
+
+
+def _build_file(path: Path, source: Path | None, cfg: PlannerConfig, seed: int, key: str) -> SeedStore:
     """Build into `<path>.tmp` and rename: a kill mid-way leaves the old store or none."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -317,3 +326,4 @@ def _build_file(path: Path, source: Path | None, cfg: PlannerConfig, seed: int, 
     with contextlib.suppress(FileNotFoundError):
         path.with_name(path.name + "-journal").unlink()
     os.replace(tmp, path)
+    return SeedStore(_connect(path))
