@@ -416,9 +416,9 @@ class Journal:
             await asyncio.to_thread(self._thread.join)
         with contextlib.suppress(sqlite3.DatabaseError):
             self.reset_in_progress()
-        self._conn.close()
         if self._fingerprints is not None:
             self._fingerprints.close()
+        self._conn.close()  # last, so SQLite checkpoints and removes the WAL file
         if self._lock is not None:
             self._lock.release()
         self._check()

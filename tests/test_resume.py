@@ -162,6 +162,8 @@ def test_resume_reuses_journaled_replies(
     assert fake_server.stats()["chat_requests"] == sent
     # A higher target continues where the first run stopped.
     assert main(fixed_args(fake_server, tmp_path, "--target", "8", "--concurrency", "1")) == 0
+    # A clean exit checkpoints the WAL into the journal and removes it.
+    assert not (tmp_path / "journal.sqlite-wal").exists()
     assert len(accepted_ids(tmp_path)) == 8
     capsys.readouterr()
 
