@@ -106,7 +106,8 @@ def layout(
 class Fingerprint(NamedTuple):
     """What the index keeps of a text."""
 
-    digest: int  # 64-bit hash of the normalised text: the exact stage
+    digest: int  # 64-bit hash of the normalised text, the exact stage (odds of a false match
+    # among a million texts: ~3e-8)
     buckets: npt.NDArray[np.int64]  # one per LSH band; empty under three words
     shingles: npt.NDArray[np.uint64] | None  # sorted unique shingle hashes, for exact Jaccard
 
