@@ -197,7 +197,7 @@ def _export(args: argparse.Namespace) -> int:
 async def _doctor(args: argparse.Namespace) -> int:
     from gra_async.doctor import doctor
 
-    config = load_config(args.config, overrides=_overrides(args))
+    config = _config(args)
     if not config.has_endpoints:
         raise ConfigError("doctor: no endpoint configured (pass --config or --endpoint)")
     failed = await doctor(config, sys.stdout)
@@ -211,10 +211,9 @@ async def _doctor(args: argparse.Namespace) -> int:
 def _asyncio_run(coro: Any) -> int:
     try:
         import uvloop
-
-        return int(uvloop.run(coro))
     except ImportError:
         return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
