@@ -149,7 +149,8 @@ class Pipeline:
         unless the journal was made with another dedup layout)."""
         self.dedup.load()
         for record in self.journal.accepted(unindexed=True):
-            self.dedup.add(record.task_id, _dedup_text(record.body))
+            body = record.body
+            self.dedup.add(record.task_id, _dedup_text(body["instruction"], body["response"]))
 
     async def _dedup_index(self) -> Deduplicator:
         """The index, once filled: until then only calls go out (resume starts at once)."""
@@ -251,12 +252,13 @@ class Pipeline:
         # The instruction alone counts too: a task copied from an example is not new,
         # whatever answer comes with it.
         threshold = self.dedup.threshold
-        dup = copied_from(sample.instruction, {f"seed:{s.id}": s.instruction for s in examples},
-                          threshold) or copied_from(_dedup_text(base), {f"seed:{s.id}": _dedup_text(
-                              {"instruction": s.instruction, "response": s.response})
-                              for s in examples}, threshold)
+        text = _dedup_text(sample.instruction, sample.response)
+        instructions = {f"seed:{s.id}": s.instruction for s in examples}
+        wholes = {f"seed:{s.id}": _dedup_text(s.instruction, s.response) for s in examples}
+        dup = (copied_from(sample.instruction, instructions, threshold)
+               or copied_from(text, wholes, threshold))
         if dup is None:
-            dup = (await self._dedup_index()).check(task.id, _dedup_text(base))
+            dup = (await self._dedup_index()).check(task.id, text)
         if dup is not None:
             return self._finish(task, {**base, **_empty_verdict(), "decision": "duplicate",
                                        "duplicate_of": dup})
@@ -306,7 +308,8 @@ class Pipeline:
         if body["decision"] == "accept":
             if self.progress.accepted >= self._goal:
                 raise _Withdrawn
-            dup = self.dedup.check_and_add(task.id, _dedup_text(body))
+            text = _dedup_text(body["instruction"], body["response"])
+            dup = self.dedup.check_and_add(task.id, text)
             if dup is not None:
                 body |= {"decision": "duplicate", "duplicate_of": dup}
         state = "accepted" if body["decision"] == "accept" else "rejected"
@@ -421,8 +424,9 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
-def _dedup_text(body: Any) -> str:
-    return f"{body['instruction']}\n{body['response']}"
+def _dedup_text(instruction: str, response: str) -> str:
+    """What dedup compares: the sample whole, as every check and every stored entry sees it."""
+    return f"{instruction}\n{response}"
 
 
 def _empty_verdict() -> dict[str, Any]:
