@@ -185,13 +185,15 @@ def _samples(
     conn: sqlite3.Connection, states: tuple[str, ...], before_round: int | None = None,
     unindexed: bool = False,
 ) -> Iterator[SampleRecord]:
-    marks = ",".join("?" * len(states))
-    unindexed_sql = "AND task_id NOT IN (SELECT task_id FROM dedup_keys)" if unindexed else ""
+    where = f"state IN ({','.join('?' * len(states))})"
+    params: tuple[Any, ...] = states
+    if before_round is not None:
+        where, params = f"{where} AND round < ?", (*params, before_round)
+    if unindexed:
+        where += " AND task_id NOT IN (SELECT task_id FROM dedup_keys)"
     rows = conn.execute(
         f"SELECT task_id, round, idx, state, domain, seed_ids, body FROM samples "
-        f"WHERE state IN ({marks}) AND round < ? {unindexed_sql} ORDER BY round, idx",
-        (*states, 1 << 62 if before_round is None else before_round),
-    )
+        f"WHERE {where} ORDER BY round, idx", params)
     while batch := rows.fetchmany(256):
         for task_id, rnd, idx, state, domain, seed_ids, body in batch:
             yield SampleRecord(task_id, rnd, idx, state, domain,
@@ -238,6 +240,12 @@ class JournalReader:
     ) -> Iterator[SampleRecord]:
         """Samples in plan order; of earlier rounds only, or missing from the dedup index."""
         return _samples(self._conn, states, before_round, unindexed)
+
+    def fingerprints(self) -> Iterator[tuple[str, int, bytes]]:
+        """(task id, digest, buckets) of every dedup fingerprint, in the order committed."""
+        rows = self._conn.execute("SELECT task_id, digest, buckets FROM dedup_keys ORDER BY rowid")
+        while batch := rows.fetchmany(1024):
+            yield from batch
 
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -511,11 +519,9 @@ class JournalFingerprints:
             self.commit_with(key, None)
 
     def saved(self) -> Iterator[tuple[str, int, bytes]]:
-        reader = _connect(self._journal.run_dir / "journal.sqlite", readonly=True)
+        reader = JournalReader(self._journal.run_dir)
         try:
-            rows = reader.execute("SELECT task_id, digest, buckets FROM dedup_keys ORDER BY rowid")
-            while batch := rows.fetchmany(1024):
-                yield from batch
+            yield from reader.fingerprints()
         finally:
             reader.close()
 
