@@ -89,6 +89,7 @@ def resume(calls: int, reindex: bool) -> None:
             started = time.perf_counter()
             for record in journal.accepted(unindexed=True):
                 dedup.add(record.task_id, _text(record.index))
+                journal.commit_fingerprint(record.task_id)
             refill = time.perf_counter() - started
         asyncio.run(journal.close())
     finally:

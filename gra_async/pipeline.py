@@ -151,6 +151,7 @@ class Pipeline:
         for record in self.journal.accepted(unindexed=True):
             body = record.body
             self.dedup.add(record.task_id, _dedup_text(body["instruction"], body["response"]))
+            self.journal.commit_fingerprint(record.task_id)
 
     async def _dedup_index(self) -> Deduplicator:
         """The index, once filled: until then only calls go out (resume starts at once)."""

@@ -386,11 +386,17 @@ class Journal:
         """A cancelled task goes back to `planned` (DESIGN.md §6: in_progress is 0 after exit)."""
         self._put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
 
+    def commit_fingerprint(self, task_id: str) -> None:
+        """Write the fingerprint of a sample that is accepted already (see `fingerprints`)."""
+        assert self._fingerprints is not None, "fingerprints() was not called"
+        self._fingerprints.commit_with(task_id, None)
+
     def fingerprints(self, layout: str) -> JournalFingerprints:
         """The dedup fingerprints kept in this journal (call before `start`).
 
         `layout` says how fingerprints were made; those made another way are dropped,
-        and `accepted(unindexed=True)` then lists every accepted sample to index again.
+        and `accepted(unindexed=True)` then lists every accepted sample to index again
+        (each `Deduplicator.add`, then `commit_fingerprint`).
         """
         stored = self._conn.execute("SELECT value FROM meta WHERE key = 'dedup_layout'").fetchone()
         if stored is None or stored[0] != layout:
@@ -509,14 +515,10 @@ class JournalFingerprints:
         self._queued: collections.deque[tuple[int, str]] = collections.deque()
 
     def save(self, key: str, digest: int, buckets: bytes, shingles: bytes | None) -> None:
-        """Held until the sample is recorded as accepted (`commit_with`); a sample accepted
-        already (indexed again after a layout change) is written at once."""
+        """Held until the sample is recorded as accepted (`commit_with`), or, for a sample
+        accepted already (indexed again after a layout change), `Journal.commit_fingerprint`."""
         self._prune()
         self._unsaved[key] = (digest, buckets, shingles)
-        accepted = self._read.execute(
-            "SELECT 1 FROM samples WHERE task_id = ? AND state = 'accepted'", (key,)).fetchone()
-        if accepted is not None:
-            self.commit_with(key, None)
 
     def saved(self) -> Iterator[tuple[str, int, bytes]]:
         reader = JournalReader(self._journal.run_dir)
@@ -542,6 +544,8 @@ class JournalFingerprints:
                           "VALUES (?, ?, ?, ?)", (key, *unsaved)))
         if write is not None:
             group.append(write)
+        if not group:
+            return
         number = self._journal._put(group)
         if unsaved is not None:
             self._queued.append((number, key))

@@ -108,6 +108,7 @@ def test_a_new_layout_drops_the_index_and_lists_samples_to_index_again(tmp_path:
         missing = [r.task_id for r in journal.accepted(unindexed=True)]
         for record in journal.accepted(unindexed=True):
             dedup.add(record.task_id, text(record.index))  # re-indexing an accepted sample
+            journal.commit_fingerprint(record.task_id)
         if not missing:
             for i in range(5):
                 dedup.check_and_add(f"r1-{i:07d}", text(i))
