@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from gra_async._sqlite import transaction
 from gra_async.errors import RunDirError
 
 __all__ = [
@@ -401,14 +402,12 @@ class Journal:
         stored = self._conn.execute("SELECT value FROM meta WHERE key = 'dedup_layout'").fetchone()
         if stored is None or stored[0] != layout:
             try:
-                self._conn.execute("BEGIN")
-                self._conn.execute("DELETE FROM dedup_keys")
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('dedup_layout', ?)", (layout,))
-                self._conn.execute("COMMIT")
+                with transaction(self._conn):
+                    self._conn.execute("DELETE FROM dedup_keys")
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('dedup_layout', ?)",
+                        (layout,))
             except sqlite3.DatabaseError as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
                 raise RunDirError.writing(self.run_dir, exc) from None
         self._fingerprints = JournalFingerprints(self)
         return self._fingerprints
@@ -592,14 +591,13 @@ def _open_journal(run_dir: Path, snapshot: Mapping[str, Any], *, force: bool) ->
                 f"(changed: {changed}); pass --force or use a new --run-dir"
             )
         if old != digest:
-            conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [("schema", SCHEMA_VERSION), ("config_hash", digest),
-                 ("config", _canonical(snapshot).decode()),
-                 ("created", stored.get("created", repr(time.time())))],
-            )
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("schema", SCHEMA_VERSION), ("config_hash", digest),
+                     ("config", _canonical(snapshot).decode()),
+                     ("created", stored.get("created", repr(time.time())))],
+                )
             _atomic_write(run_dir / "config.json",
                           orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     except (sqlite3.DatabaseError, OSError) as exc:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gra_async import defaults
+from gra_async._sqlite import transaction
 from gra_async.config import PlannerConfig
 from gra_async.errors import RunDirError
 from gra_async.seeds._domains import FIT_SAMPLE, DomainModel, seed_tokens
@@ -65,20 +66,6 @@ def _connect(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN ... COMMIT, rolled back on error, unless SQLite rolled back already (a full
-    disk does that): a second ROLLBACK would hide the real error."""
-    conn.execute("BEGIN")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 class SeedStore:
     """Seeds by id, by (domain, position) and by round, with their word frequencies."""
 
@@ -116,7 +103,7 @@ class SeedStore:
 
     def _fill(self, rows: Iterable[tuple[str, Seed]], domains: int, seed: int) -> None:
         conn = self._conn
-        with _transaction(conn):
+        with transaction(conn):
             for where, s in rows:
                 try:
                     conn.execute(
@@ -212,7 +199,7 @@ class SeedStore:
         """
         conn = self._conn
         joined = max(joined, self._newest_round())
-        with _transaction(conn):
+        with transaction(conn):
             for s in seeds:
                 if not s.domain:
                     raise ValueError(f"seed {s.id!r} has no domain")
