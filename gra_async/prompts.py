@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gra_async.errors import ConfigError
+from gra_async.scoring import criteria_mean
 from gra_async.seeds import Seed
 
 __all__ = [
@@ -58,8 +59,17 @@ _ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 
 def default_prompts_dir() -> Path:
-    """The `prompts/` folder next to the package (the repository's top level)."""
-    return Path(__file__).resolve().parent.parent / "prompts"
+    """The templates shipped inside the package: `gra_async/data/prompts/`.
+
+    Located with importlib.resources, as the bundled seeds are, so an installed wheel finds
+    its own copy (package data), not a folder of the checkout it was built from.
+    """
+    from importlib import resources
+
+    folder = resources.files("gra_async") / "data" / "prompts"
+    # A normal install is a real folder; a zip import has none: PromptSet.load then reports
+    # the folder as not found.
+    return folder if isinstance(folder, Path) else Path(str(folder))
 
 
 def _defuse(text: str) -> str:
@@ -158,7 +168,7 @@ def _reviews_block(reviews: Sequence[ReviewView], criteria: Sequence[str]) -> st
         ordered = [name for name in criteria if name in view.scores]
         ordered += sorted(name for name in view.scores if name not in criteria)
         scores = ", ".join(f"{_defuse(name)} {view.scores[name]}" for name in ordered)
-        mean = sum(view.scores.values()) / len(view.scores) if view.scores else 0.0
+        mean = criteria_mean(view.scores) if view.scores else 0.0
         blocks.append(
             f"<review>\n{_defuse(view.label)}: mean {mean:.1f}; {scores}\n"
             f"Feedback: {_defuse(view.feedback.strip()) or '(none)'}\n</review>"

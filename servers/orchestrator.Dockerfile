@@ -8,9 +8,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 WORKDIR /app
-# The package first, the rest (prompts, the compose configs) after: editing a config or a
-# prompt does not reinstall the dependencies. What `.` holds is whitelisted in
-# orchestrator.Dockerfile.dockerignore.
+# The package first (its prompt templates are package data, gra_async/data/prompts/), the
+# rest (the compose configs) after: editing a config does not reinstall the dependencies.
+# What `.` holds is whitelisted in orchestrator.Dockerfile.dockerignore.
 COPY pyproject.toml README.md ./
 COPY gra_async ./gra_async
 RUN pip install .

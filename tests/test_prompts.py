@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import gra_async
 from gra_async import defaults
 from gra_async.errors import ConfigError
 from gra_async.prompts import PromptSet, ReviewView, Template, default_prompts_dir
@@ -104,6 +105,13 @@ class TestInjection:
 
 
 class TestTemplateFiles:
+    def test_default_templates_are_package_data(self) -> None:
+        """Shipped inside the package (gra_async/data/prompts/), found from a wheel as well."""
+        folder = default_prompts_dir()
+        assert folder.resolve() == Path(gra_async.__file__).resolve().parent / "data" / "prompts"
+        assert sorted(path.name for path in folder.glob("*.md")) == [
+            "adjudicator.md", "generator.md", "reviewer.md"]
+
     def test_missing_folder(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="prompts folder not found"):
             PromptSet.load(tmp_path / "absent")
