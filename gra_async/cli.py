@@ -1,6 +1,8 @@
-"""`python -m gra_async run | status | export | doctor`: flags, exit codes, and nothing else.
+"""`gra-async run | status | export | doctor`: flags, the console, exit codes; nothing else.
 
-Exit codes (DESIGN.md §6): 0 done, 2 user error (one line on stderr, no traceback),
+A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
+process is decided here alone (`_exit_code`), DESIGN.md §6: 0 target reached, 2 user
+error (one line on stderr, no traceback), 3 stopped before the target (resumable),
 130 interrupted (resumable), 1 bug.
 """
 
@@ -8,22 +10,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gra_async import __version__, defaults
+from gra_async import defaults
+from gra_async._concurrency import first_error
 from gra_async.config import RunConfig, load_config, parse_endpoint_flag
-from gra_async.errors import ConfigError, GraError, Interrupted, UserError
+from gra_async.errors import (
+    ConfigError,
+    EndpointError,
+    GraError,
+    Interrupted,
+    TransientError,
+    UsageError,
+    UserError,
+)
 
 if TYPE_CHECKING:
-    from gra_async.pipeline import Pipeline
+    from gra_async.synthesizer import Synthesizer
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_SHORT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_DEFAULT_RUN_DIR = Path("runs/demo")
+
+
+def _exit_code(error: GraError) -> int:
+    """What an error means for the process: the one place this is decided."""
+    if isinstance(error, Interrupted):
+        return EXIT_INTERRUPTED
+    if isinstance(error, UserError | UsageError):
+        return EXIT_USER
+    if isinstance(error, EndpointError) and not isinstance(error, TransientError):
+        return EXIT_USER  # a refused key, a removed model: the user must act
+    return EXIT_BUG
+
+
+def _prog() -> str:
+    """`gra-async` from the console script, `python -m gra_async` from -m."""
+    return "python -m gra_async" if sys.argv[0].endswith("__main__.py") else "gra-async"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,14 +62,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gra_async", description="Synthesize instruction data with a team of small LLMs.")
+    from gra_async import __version__
+
+    parser = _Parser(prog=_prog(), description="Synthesize instruction data with a team of small LLMs.")
     parser.add_argument("--version", action="version", version=f"gra-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate, review and keep samples until --target are accepted")
     run.add_argument("--config", type=Path, help="TOML config file")
     run.add_argument("--seeds", type=Path, help="seed examples: .jsonl, .csv or .parquet (default: bundled)")
-    run.add_argument("--run-dir", type=Path, help="run directory (default runs/demo); resume = same command again")
+    run.add_argument("--run-dir", type=Path,
+                     help=f"run directory (default {_DEFAULT_RUN_DIR}); resume = same command again")
     run.add_argument("--target", type=int, help="accepted samples to reach (default 20)")
     run.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL",
                      help="generator|reviewer|adjudicator endpoint; repeat for replicas and panels")
@@ -59,11 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
-    status.add_argument("--run-dir", type=Path, required=True)
+    status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
+                        help=f"run directory (default {_DEFAULT_RUN_DIR})")
     status.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     export = sub.add_parser("export", help="write accepted samples with full provenance")
-    export.add_argument("--run-dir", type=Path, required=True)
+    export.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
+                        help=f"run directory (default {_DEFAULT_RUN_DIR})")
     export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
@@ -105,7 +140,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     """File, then environment, then flags; flag endpoints replace the file's for their roles."""
-    return load_config(args.config, overrides=_overrides(args))
+    return load_config(args.config, overrides=_overrides(args), overrides_source="flags")
 
 
 # --- run -------------------------------------------------------------------------------
@@ -113,58 +148,54 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 async def _run(args: argparse.Namespace) -> int:
     from gra_async.progress import ProgressDisplay
-    from gra_async.runner import open_run
+    from gra_async.synthesizer import Synthesizer
 
     config = _config(args)
-    signals = _Signals(config.run.grace)
-    async with open_run(config, force=args.force) as run:
-        progress = run.pipeline.progress
-        signals.attach(run.pipeline)
-        async with ProgressDisplay(progress, run.stats):
-            await run.pipeline.run()
+    synth = Synthesizer(config, force=args.force)
+    signals = _Signals(synth)
+    async with synth:
+        display = ProgressDisplay(synth.progress, synth.endpoint_stats)
+        try:
+            async with asyncio.TaskGroup() as group:
+                refresh = group.create_task(display.refresh())
+                try:
+                    summary = await synth.run()
+                finally:
+                    refresh.cancel()
+        except BaseExceptionGroup as errors:
+            raise first_error(errors) from None
+        display.final(summary)
     if signals.interrupted:
-        raise Interrupted(
-            f"interrupted; {progress.accepted} accepted so far. "
-            "Run the same command again to resume."
-        )
-    if progress.accepted < config.run.target:
-        print(f"plan exhausted: {progress.accepted} of {config.run.target} accepted "
-              "(raise --max-tasks, or check the rejection reasons with status)", file=sys.stderr)
-    print(f"done: {config.run.run_dir} ({progress.accepted} accepted); "
-          f"export with: python -m gra_async export --run-dir {config.run.run_dir}")
+        raise Interrupted(f"interrupted; {summary.accepted} accepted so far. "
+                          "Run the same command again to resume.")
+    if not summary.reached_target:
+        print(summary.explain(), file=sys.stderr)
+        return EXIT_SHORT
+    print(f"done: {summary.run_dir} ({summary.accepted} accepted); "
+          f"export with: {_prog()} export --run-dir {summary.run_dir}")
     return EXIT_OK
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: stop admitting, give in-flight calls `grace` s; second: abandon.
+    """First SIGINT/SIGTERM: stop admitting, give in-flight calls `run.grace` s; second: abandon.
 
-    Installed before anything slow starts, so an early Ctrl-C is never a traceback; the
-    pipeline is attached once it exists and learns of a signal that came before it.
+    Installed before anything slow starts, so an early Ctrl-C is never a traceback.
     """
 
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
+    def __init__(self, synth: Synthesizer) -> None:
         self.interrupted = False
-        self._pipeline: Pipeline | None = None
-        self._loop = asyncio.get_running_loop()
+        self._synth = synth
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._loop.add_signal_handler(sig, self._on_signal)
-
-    def attach(self, pipeline: Pipeline) -> None:
-        self._pipeline = pipeline
-        if self.interrupted:
-            pipeline.stop()
+            loop.add_signal_handler(sig, self._on_signal)
 
     def _on_signal(self) -> None:
         if self.interrupted:
-            if self._pipeline is not None:
-                self._pipeline.abandon()
+            self._synth.abandon()
             return
         self.interrupted = True
         print("stopping: finishing calls in flight (Ctrl-C again to abandon them)", file=sys.stderr)
-        if self._pipeline is not None:
-            self._pipeline.stop()
-            self._loop.call_later(self.grace, self._pipeline.abandon)
+        self._synth.stop()
 
 
 # --- status / export / doctor --------------------------------------------------------
@@ -198,8 +229,6 @@ async def _doctor(args: argparse.Namespace) -> int:
     from gra_async.doctor import doctor
 
     config = _config(args)
-    if not config.has_endpoints:
-        raise ConfigError("doctor: no endpoint configured (pass --config or --endpoint)")
     failed = await doctor(config, sys.stdout)
     if failed:
         print(f"error: doctor: {failed} endpoint(s) not usable (see the lines above)",
@@ -208,33 +237,35 @@ async def _doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _asyncio_run(coro: Any) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return int(asyncio.run(coro))
-    return int(uvloop.run(coro))
+def _console_logging() -> None:
+    """The library logs to `gra_async`; the CLI shows its warnings on stderr, one line each."""
+    logger = logging.getLogger("gra_async")
+    if not any(getattr(h, "_gra_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._gra_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    level = os.environ.get("GRA_LOG_LEVEL", "WARNING").upper()
+    logger.setLevel(level if level in logging.getLevelNamesMapping() else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gra_async.synthesizer import run_coroutine
+
     try:
+        _console_logging()
         args = _parser().parse_args(argv)
         if args.command == "run":
-            return _asyncio_run(_run(args))
+            return run_coroutine(_run(args))
         if args.command == "status":
             return _status(args)
         if args.command == "export":
             return _export(args)
-        return _asyncio_run(_doctor(args))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER
-    except Interrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return run_coroutine(_doctor(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except GraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BUG
+        code = _exit_code(exc)
+        print(str(exc) if code == EXIT_INTERRUPTED else f"error: {exc}", file=sys.stderr)
+        return code

@@ -114,6 +114,8 @@ class GateConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
+    """Few-shot count, temperatures and token budgets of the three roles."""
+
     few_shot: int = Field(defaults.FEW_SHOT, ge=0)
     temperature: float = Field(defaults.GENERATION_TEMPERATURE, ge=0, le=2)
     max_tokens: int = Field(defaults.GENERATION_MAX_TOKENS, ge=16)
@@ -135,6 +137,8 @@ class PlannerConfig(_Strict):
 
 
 class RunSettings(_Strict):
+    """The `[run]` table: where the run lives, how far it goes, how hard it pushes."""
+
     run_dir: Path = Path("runs/demo")
     target: int = Field(20, ge=1)  # accepted samples to reach
     rounds: int = Field(1, ge=1)
@@ -148,6 +152,8 @@ class RunSettings(_Strict):
 
 
 class RunConfig(_Strict):
+    """A whole run's configuration; `RunConfig.model_validate({...})` takes the TOML file's keys."""
+
     run: RunSettings = Field(default_factory=RunSettings)
     gate: GateConfig = Field(default_factory=GateConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -206,12 +212,24 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def load_config(
-    path: Path | None = None,
+    path: str | Path | None = None,
+    /,
     *,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    overrides_source: str = "overrides",
+    **sections: Any,
 ) -> RunConfig:
-    """Build the run config from file, environment and flag overrides (nested dicts)."""
+    """The run config from a TOML file, then `GRA_*` environment variables, then overrides.
+
+    Overrides are nested like the file: `load_config("gra.toml", run={"target": 50})`
+    (or `overrides={"run": {...}}`); later layers win key by key. `environ` replaces
+    `os.environ` (tests); `overrides_source` is how messages name the overrides (the CLI:
+"flags"). Raises `ConfigError` with one line naming the key and its source.
+    """
+    if sections:
+        overrides = _merge(dict(overrides or {}), sections)
+    path = Path(path) if path is not None else None
     data: dict[str, Any] = {}
     sources: list[str] = []
     if path is not None:
@@ -230,7 +248,7 @@ def load_config(
         sources.append("GRA_* environment")
     if overrides:
         data = _merge(data, overrides)
-        sources.append("flags")
+        sources.append(overrides_source)
     source = " + ".join(sources) or "defaults"
     try:
         return RunConfig.model_validate(data)

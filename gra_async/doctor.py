@@ -16,7 +16,7 @@ from gra_async.client import (
     probe,
 )
 from gra_async.config import ROLES, EndpointConfig, RunConfig
-from gra_async.errors import GraError
+from gra_async.errors import ConfigError, GraError, RequestTimeout, RetriesExhausted
 from gra_async.scoring import response_format
 
 __all__ = ["check_endpoint", "doctor"]
@@ -43,6 +43,10 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
         reply = await pool.chat(ChatRequest(messages=_ASK, max_tokens=32, response_format=fmt))
     except GraError as exc:
         hint = ""
+        cause = exc.last if isinstance(exc, RetriesExhausted) else exc
+        if isinstance(cause, RequestTimeout):
+            return False, (f"{exc}: no reply within read_timeout = {config.read_timeout:g} s "
+                           "(raise the endpoint's read_timeout, or check the server's load)")
         if config.json_mode == "json_schema":
             # llama.cpp answers 500 to json_schema; it takes {"type": "json_object", "schema": ...}.
             hint = '; if the server does not take json_schema, set json_mode = "json_object"'
@@ -59,16 +63,45 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
 
 
 async def doctor(config: RunConfig, out: TextIO) -> int:
-    """Check every distinct endpoint, one line each; return how many failed."""
+    """Check every distinct endpoint, one line each; return how many failed.
+
+    With no endpoint configured, check the embedded default instead: the llama.cpp server
+    and the model file installed, and a real reply from it.
+    """
+    if not config.has_endpoints:
+        return await _embedded(out)
     seen: dict[tuple[str, str | None], tuple[str, EndpointConfig]] = {}
     for role in ROLES:
         for endpoint in config.endpoints.get(role, ()):
             seen.setdefault((endpoint.base_url, endpoint.model), (role, endpoint))
     transport = AiohttpTransport()
     try:
-        results = await asyncio.gather(*(check_endpoint(e, transport) for _, e in seen.values()))
+        async with asyncio.TaskGroup() as group:
+            checks = [group.create_task(check_endpoint(e, transport)) for _, e in seen.values()]
     finally:
         await transport.aclose()
+    results = [check.result() for check in checks]
     for (first_role, _), (ok, line) in zip(seen.values(), results, strict=True):
         print(f"{'ok  ' if ok else 'FAIL'} {first_role:<12}{line}", file=out)
     return sum(not ok for ok, _ in results)
+
+
+async def _embedded(out: TextIO) -> int:
+    from gra_async.local import LocalModelServer, find_model_file
+
+    try:
+        model_path = find_model_file()
+    except ConfigError as exc:
+        print(f"FAIL {'embedded':<12}{exc}", file=out)
+        return 1
+    print(f"ok   {'embedded':<12}llama.cpp server installed, model file {model_path}", file=out)
+    transport = AiohttpTransport()
+    try:
+        async with LocalModelServer(model_path, n_threads=1) as server:
+            ok, line = await check_endpoint(server.endpoint(), transport)
+    except GraError as exc:
+        ok, line = False, f"the embedded model server did not start: {exc}"
+    finally:
+        await transport.aclose()
+    print(f"{'ok  ' if ok else 'FAIL'} {'embedded':<12}{line}", file=out)
+    return 0 if ok else 1

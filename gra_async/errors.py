@@ -1,26 +1,31 @@
-"""The one exception tree of gra-async.
+"""The one exception tree of gra-async: what happened, never what to do about it.
 
     GraError                      anything gra-async raises on purpose
-    ├── UserError                 bad input: exit 2, one line, no traceback
-    │   ├── ConfigError           a config key, file, flag or environment variable is wrong
+    ├── UserError                 the user's input is wrong
+    │   ├── ConfigError           a config key, file, flag or environment variable
     │   ├── SeedError             a seeds file cannot be read (names file:line)
-    │   ├── RunDirError           the run directory is unusable (read-only, full, config changed)
-    │   └── EndpointError         an endpoint refused us in a way retrying cannot fix
-    │       ├── AuthenticationError   401: the key is wrong or missing
-    │       ├── PermissionDeniedError 403
-    │       ├── NotFoundError         404: wrong URL or model not served
-    │       ├── BadRequestError       400 / 422: the server rejected the request itself
-    │       └── UnreachableError      the endpoint does not answer at all (probe only)
-    ├── TransientError            worth retrying: the same call may succeed later
-    │   ├── RateLimitError        429
-    │   ├── ServerError           408, 409, 5xx
-    │   ├── ConnectionFailed      refused, reset, DNS
-    │   ├── RequestTimeout        no complete answer in time
-    │   └── MalformedResponse     the body is not the JSON we were promised
-    ├── RetriesExhausted          a transient fault outlasted the retry budget
-    └── Interrupted               SIGINT/SIGTERM: exit 130, the run is resumable
+    │   └── RunDirError           the run directory is unusable (read-only, full, config changed)
+    ├── UsageError                the Python API was called where it cannot work
+    ├── EndpointError             an endpoint gave no usable answer (.endpoint .status .message .request_id)
+    │   ├── AuthenticationError       401: the key is wrong or missing
+    │   ├── PermissionDeniedError     403
+    │   ├── NotFoundError             404: wrong URL or model not served
+    │   ├── BadRequestError           400 / 422 / other 4xx: the server rejected the request
+    │   ├── UnreachableError          the endpoint does not answer at all (start-up probe)
+    │   └── TransientError            the same call may succeed later
+    │       ├── RateLimitError        429
+    │       ├── ServerError           408, 409, 5xx
+    │       ├── ConnectionFailed      refused, reset, DNS
+    │       ├── RequestTimeout        no complete answer in time
+    │       └── MalformedResponse     the body is not the JSON we were promised
+    ├── RetriesExhausted          a transient fault outlasted the retry budget (.last)
+    ├── InvalidReply              a model reply does not hold what was asked (.reason)
+    ├── TaskFailed                one task cannot produce a sample (recorded, the run goes on)
+    └── Interrupted               SIGINT/SIGTERM stopped the run; it is resumable
 
-Messages name the endpoint (its URL and model), never an API key.
+Which of these end a run, and with which exit code, is decided by the caller: the CLI
+maps them in `gra_async/cli.py` alone. Messages name the endpoint (its model and URL),
+never an API key.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "EndpointError",
     "GraError",
     "Interrupted",
+    "InvalidReply",
     "MalformedResponse",
     "NotFoundError",
     "PermissionDeniedError",
@@ -45,8 +51,10 @@ __all__ = [
     "RunDirError",
     "SeedError",
     "ServerError",
+    "TaskFailed",
     "TransientError",
     "UnreachableError",
+    "UsageError",
     "UserError",
 ]
 
@@ -56,7 +64,7 @@ class GraError(Exception):
 
 
 class UserError(GraError):
-    """Something the user can fix; the CLI prints the message alone and exits 2."""
+    """The user's input is wrong; the message says which input and what to change."""
 
 
 class ConfigError(UserError):
@@ -87,13 +95,27 @@ class RunDirError(UserError):
         return cls(f"{run_dir}: cannot write {what} ({hint})")
 
 
-class EndpointError(UserError):
-    """An endpoint answered in a way that retrying will not change."""
+class UsageError(GraError):
+    """The Python API was used where it cannot work (e.g. `run()` inside a running loop)."""
 
-    def __init__(self, message: str, *, endpoint: str = "", status: int | None = None) -> None:
-        super().__init__(message)
+
+class EndpointError(GraError):
+    """An endpoint answered (or failed to answer) in a way that gives no usable reply.
+
+    `status` is the HTTP status (None for transport failures), `message` the server's own
+    error text as parsed from its body (keys redacted), `request_id` the id the server
+    sent in `x-request-id`, if any.
+    """
+
+    def __init__(
+        self, text: str, *, endpoint: str = "", status: int | None = None, message: str = "",
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(text)
         self.endpoint = endpoint
         self.status = status
+        self.message = message
+        self.request_id = request_id
 
 
 class AuthenticationError(EndpointError):
@@ -109,23 +131,22 @@ class NotFoundError(EndpointError):
 
 
 class BadRequestError(EndpointError):
-    """400 or 422: the server rejected this request (too long a prompt, bad parameter)."""
+    """400, 422 or another 4xx: the server rejected this request."""
 
 
 class UnreachableError(EndpointError):
     """The endpoint could not be reached when probed."""
 
 
-class TransientError(GraError):
+class TransientError(EndpointError):
     """A fault that the same call may not hit again; the retry policy handles it."""
 
     def __init__(
-        self, message: str, *, endpoint: str = "", status: int | None = None,
-        retry_after: float | None = None,
+        self, text: str, *, endpoint: str = "", status: int | None = None, message: str = "",
+        request_id: str | None = None, retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.status = status
+        super().__init__(text, endpoint=endpoint, status=status, message=message,
+                         request_id=request_id)
         self.retry_after = retry_after
 
 
@@ -155,6 +176,19 @@ class RetriesExhausted(GraError):
     def __init__(self, message: str, *, last: TransientError) -> None:
         super().__init__(message)
         self.last = last
+
+
+class InvalidReply(GraError):
+    """A model reply that does not hold what was asked; `.reason` says what, briefly."""
+
+    def __init__(self, reason: str, text: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.excerpt = text[:200]
+
+
+class TaskFailed(GraError):
+    """One task cannot produce a sample; it is recorded as failed with the reason."""
 
 
 class Interrupted(GraError):

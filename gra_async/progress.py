@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -15,6 +14,9 @@ from rich.table import Table
 
 from gra_async.client import EndpointStats
 from gra_async.pipeline import Progress
+
+if TYPE_CHECKING:
+    from gra_async.synthesizer import RunSummary
 
 __all__ = ["ProgressDisplay", "summary_table"]
 
@@ -43,7 +45,7 @@ def headline(progress: Progress) -> str:
     finished = max(progress.finished - progress.finished_at_start, 1)
     return (
         f"accepted {progress.accepted}/{progress.target}  rejected {progress.rejected} "
-        f"(dup {progress.duplicates})  failed {progress.failed}  in progress {progress.in_progress}  "
+        f"(dup {progress.duplicates}, filtered {progress.filtered})  failed {progress.failed}  in progress {progress.in_progress}  "
         f"acceptance {100 * (progress.accepted - progress.accepted_at_start) / finished:.0f}%  "
         f"adjudicated {progress.adjudicated}  calls {progress.calls_sent} "
         f"(+{progress.calls_reused} reused)  {rate:.2f} samples/s  ETA {_eta(eta)}"
@@ -82,7 +84,11 @@ def summary_table(progress: Progress, stats: Sequence[EndpointStats]) -> Table:
 
 
 class ProgressDisplay:
-    """Refreshes while the run goes; `async with` it around the pipeline."""
+    """The console of a run: `refresh()` runs until cancelled, `final()` prints the summary.
+
+    The CLI owns it and runs `refresh()` in the task group of the run, so cancelling it
+    is the group's business: nothing here catches a `CancelledError`.
+    """
 
     def __init__(
         self, progress: Progress, stats: Callable[[], Sequence[EndpointStats]],
@@ -92,7 +98,6 @@ class ProgressDisplay:
         self.stats = stats
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
-        self._task: asyncio.Task[None] | None = None
 
     def _render(self) -> Table:
         elapsed = max(time.monotonic() - self.progress.started, 1e-9)
@@ -100,7 +105,7 @@ class ProgressDisplay:
         table.title = headline(self.progress)
         return table
 
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
         if self.live:
             with Live(self._render(), console=Console(file=self.stream), refresh_per_second=4,
                       transient=True) as live:
@@ -112,13 +117,7 @@ class ProgressDisplay:
                 await asyncio.sleep(_LOG_EVERY)
                 print(headline(self.progress), file=self.stream, flush=True)
 
-    async def __aenter__(self) -> ProgressDisplay:
-        self._task = asyncio.create_task(self._refresh())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        Console(file=self.stream).print(summary_table(self.progress, self.stats()))
+    def final(self, summary: RunSummary) -> None:
+        table = summary_table(self.progress, self.stats())
+        table.caption = f"{table.caption}\n{summary.explain()}"
+        Console(file=self.stream).print(table)

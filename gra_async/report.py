@@ -60,6 +60,7 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         "calls": sum(row[2] for row in totals),
         "duplicates": decisions.get("duplicate", 0),
         "target": target,
+        "reached_target": bool(target) and counts["accepted"] >= target,
         "by_model": [
             {"role": role, "model": model, "calls": n, "prompt_tokens": t_in or 0,
              "completion_tokens": t_out or 0}

@@ -1,15 +1,16 @@
 """Assemble one run from its config: backend, journal, team, planner, pipeline; tear it down.
 
-The CLI adds flags, signals and the display; benchmarks and tests use `open_run` directly.
+`gra_async.Synthesizer` (synthesizer.py) is the public way in; benchmarks use `open_run`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import sys
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import orjson
 from gra_async.client import AiohttpTransport, EndpointStats
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator, layout
-from gra_async.pipeline import Pipeline, plan_size
+from gra_async.pipeline import Filter, Gate, Pipeline, plan_size
 from gra_async.planner import Planner
 from gra_async.prompts import PromptSet, default_prompts_dir
 from gra_async.seeds import SeedStore
@@ -27,11 +28,13 @@ from gra_async.team import Team, build_team
 
 __all__ = ["Run", "open_run", "snapshot"]
 
+log = logging.getLogger("gra_async")
+
 # Run settings that change how a run goes, not what it produces: a resume may change them.
 _OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks")
 
 
-def snapshot(config: RunConfig) -> dict[str, Any]:
+def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str, Any]:
     """The config as it decides results: operational knobs and secrets left out, inputs hashed.
 
     Changing the target, concurrency, rate limits, URLs or timeouts continues a run;
@@ -47,8 +50,13 @@ def snapshot(config: RunConfig) -> dict[str, Any]:
     prompts_dir = config.prompts_dir or default_prompts_dir()
     data["prompts_sha256"] = _digest(sorted(prompts_dir.glob("*.md")))
     seeds = config.planner.seeds
-    files = [seeds] if seeds and seeds.is_file() else sorted(seeds.rglob("*")) if seeds else []
-    data["seeds_sha256"] = _digest(files)
+    if seeds_sha256 is not None:  # known already: a seed set may be gigabytes to hash again
+        data["seeds_sha256"] = seeds_sha256
+    elif seeds is None:
+        with resources.as_file(resources.files("gra_async") / "data" / "seeds.jsonl") as bundled:
+            data["seeds_sha256"] = _digest([bundled])
+    else:
+        data["seeds_sha256"] = _digest([seeds] if seeds.is_file() else sorted(seeds.rglob("*")))
     return data
 
 
@@ -97,9 +105,9 @@ _LOCAL_ACCEPT_MEAN = 3.0
 def _local_gate(gate: GateConfig) -> GateConfig:
     if "accept_mean" in gate.model_fields_set:
         return gate
-    print(f"embedded demo model: accept_mean lowered to {_LOCAL_ACCEPT_MEAN} (a 135M reviewer "
-          "scores right and wrong answers alike; configure 7-8B endpoints for real data)",
-          file=sys.stderr)
+    log.warning("embedded demo model: accept_mean lowered to %s (a 135M reviewer scores right "
+                "and wrong answers alike; configure 7-8B endpoints for real data)",
+                _LOCAL_ACCEPT_MEAN)
     return gate.model_copy(update={"accept_mean": _LOCAL_ACCEPT_MEAN})
 
 
@@ -126,31 +134,37 @@ class Run:
 
 
 @contextlib.asynccontextmanager
-async def open_run(config: RunConfig, *, force: bool = False) -> AsyncIterator[Run]:
+async def open_run(
+    config: RunConfig, *, force: bool = False, filters: Sequence[Filter] = (),
+    gate: Gate | None = None,
+) -> AsyncIterator[Run]:
     """Everything a run needs, validated before any task starts (bad input fails here).
 
     The run directory is locked first: the seed store is built there. The endpoints are
     probed before the journal is opened: a start that fails on a wrong model name must
-    not record that config as the run directory's own.
+    not record that config as the run directory's own. The config recorded is the one
+    that decides results: with the embedded default, its model and its gate.
     """
     prompts = PromptSet.load(config.prompts_dir)
-    inputs = snapshot(config)
     run_dir = config.run.run_dir
     async with contextlib.AsyncExitStack() as stack:
         lock = RunLock(run_dir)
         stack.callback(lock.release)
         transport = AiohttpTransport()
         stack.push_async_callback(transport.aclose)
+        inputs = snapshot(config)
         seeds = _seed_store(config, inputs)
         stack.callback(seeds.close)
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
-        journal = Journal.open(run_dir, inputs, force=force, lock=lock)
+        journal = Journal.open(run_dir, snapshot(live, seeds_sha256=inputs["seeds_sha256"]),
+                               force=force, lock=lock)
         stack.push_async_callback(journal.close)
         threshold = config.planner.near_dup_threshold
         dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
         planner = Planner(seeds, config.run.seed, config.generation.few_shot)
-        pipeline = Pipeline(live, team, prompts, planner, journal, dedup)
+        pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
+                            gate=gate)
         pipeline.resume_state()
         journal.start()
         journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))

@@ -24,23 +24,26 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from gra_async import defaults
 from gra_async.config import GateConfig
-from gra_async.errors import GraError
+from gra_async.errors import InvalidReply
 
 __all__ = [
     "Decision",
     "GeneratedSample",
     "InvalidReply",
+    "Panel",
     "PanelScore",
-    "Review",
+    "ReviewReply",
+    "ScoredReview",
     "Verdict",
     "aggregate",
+    "criteria_mean",
     "decide",
     "extract_json",
     "generation_schema",
@@ -57,16 +60,12 @@ _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NUMBER = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*(?:/\s*10(?:\.0+)?)?\s*$")
 
 
-class InvalidReply(GraError):
-    """A model reply that does not hold what was asked; `.reason` says what, briefly."""
-
-    def __init__(self, reason: str, text: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.excerpt = text[:200]
-
-
 # --------------------------------------------------------------------------- reply models
+
+
+def criteria_mean(scores: Mapping[str, int]) -> float:
+    """One reviewer's mean over the criteria: the one place this number is computed."""
+    return math.fsum(scores.values()) / len(scores)
 
 
 def _keys_casefolded(data: Mapping[Any, Any]) -> dict[str, Any]:
@@ -129,10 +128,10 @@ def _score(value: Any, criterion: str) -> int:
     return score
 
 
-class Review(BaseModel):
+class ReviewReply(BaseModel):
     """One reviewer's integer scores (1..10) per criterion and its feedback.
 
-    Validate with `Review.model_validate(data, context={"criteria": criteria})` to
+    Validate with `ReviewReply.model_validate(data, context={"criteria": criteria})` to
     require every criterion; extra criteria the model invents are dropped. A reply
     that forgot the `scores` wrapper (criteria at the top level) is accepted too.
     Missing feedback is "" - the scores are what the gate needs.
@@ -172,7 +171,7 @@ class Review(BaseModel):
 
     @property
     def mean(self) -> float:
-        return math.fsum(self.scores.values()) / len(self.scores)
+        return criteria_mean(self.scores)
 
 
 class Verdict(BaseModel):
@@ -334,8 +333,8 @@ def parse_generation(text: str) -> GeneratedSample:
     return sample
 
 
-def parse_review(text: str, criteria: Sequence[str]) -> Review:
-    review: Review = _validated(Review, text, {"criteria": tuple(criteria)})
+def parse_review(text: str, criteria: Sequence[str]) -> ReviewReply:
+    review: ReviewReply = _validated(ReviewReply, text, {"criteria": tuple(criteria)})
     return review
 
 
@@ -348,35 +347,66 @@ def parse_verdict(text: str) -> Verdict:
 
 
 @dataclass(frozen=True, slots=True)
-class PanelScore:
-    """Mean and population std of the reviewers' own means."""
+class ScoredReview:
+    """One reviewer model's valid review, as the gate, the adjudicator and the export see it."""
+
+    model: str
+    scores: Mapping[str, int]
+    feedback: str
+
+    @property
+    def mean(self) -> float:
+        return criteria_mean(self.scores)
+
+
+class _Scored(Protocol):
+    @property
+    def mean(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Panel:
+    """The review panel of one sample: mean and population std of the reviewers' own means.
+
+    `reviews` holds the reviews themselves when they came with their models (the pipeline's
+    case, and what a custom gate sees).
+    """
 
     mean: float
     std: float
     per_review_means: tuple[float, ...]
+    reviews: tuple[ScoredReview, ...] = ()
 
 
-def aggregate(reviews: Sequence[Review]) -> PanelScore:
+PanelScore = Panel  # the name of the statistic before the panel carried its reviews
+
+
+def aggregate(reviews: Sequence[_Scored]) -> Panel:
     """Each reviewer's mean over criteria, then mean and population std across reviewers."""
     if not reviews:
         raise ValueError("aggregate needs at least one review (no panel: pass None to decide)")
     means = tuple(review.mean for review in reviews)
     mean = math.fsum(means) / len(means)
     std = math.sqrt(math.fsum((m - mean) ** 2 for m in means) / len(means))
-    return PanelScore(mean=mean, std=std, per_review_means=means)
+    scored = tuple(r for r in reviews if isinstance(r, ScoredReview))
+    return Panel(mean=mean, std=std, per_review_means=means,
+                 reviews=scored if len(scored) == len(reviews) else ())
 
 
 class Decision(StrEnum):
+    """What the gate does with a sample: keep it, drop it, or ask the adjudicator."""
+
     ACCEPT = "accept"
     REJECT = "reject"
     ADJUDICATE = "adjudicate"
 
 
-def decide(panel: PanelScore | None, gate: GateConfig) -> Decision:
+def decide(panel: Panel | None, gate: GateConfig) -> Decision:
     """The GRA gate: disagreement goes to the adjudicator, otherwise the mean decides.
 
     `panel=None` (no reviewers: the paper's "no review" ablation) accepts, since
-    nothing judged the sample. Without an adjudicator, disagreement falls back to the mean.
+    nothing judged the sample. With `gate.adjudicator` off, disagreement falls back to
+    the mean, with the same tolerance at the bar.
     """
     if panel is None:
         return Decision.ACCEPT

@@ -14,6 +14,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from gra_async._concurrency import first_error
 from gra_async.client import Endpoint, EndpointPool, RetryPolicy, Transport, probe
 from gra_async.config import ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
@@ -98,7 +99,12 @@ async def build_team(
         groups: dict[Role, list[Endpoint]] = dict.fromkeys(ROLES, everyone)
     else:
         groups = {role: [endpoint(c) for c in _distinct(by_role[role])] for role in ROLES}
-    await asyncio.gather(*(probe(e, transport) for e in cache.values()))
+    try:
+        async with asyncio.TaskGroup() as group:  # one endpoint refusing us cancels the others
+            for member in cache.values():
+                group.create_task(probe(member, transport))
+    except BaseExceptionGroup as errors:
+        raise first_error(errors) from None
 
     pools: dict[Role, EndpointPool] = {}
     shared: EndpointPool | None = None

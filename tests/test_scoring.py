@@ -15,7 +15,7 @@ from gra_async.scoring import (
     Decision,
     InvalidReply,
     PanelScore,
-    Review,
+    ReviewReply,
     aggregate,
     decide,
     extract_json,
@@ -39,13 +39,13 @@ def uniform(score: Any) -> dict[str, Any]:
     return {name: score for name in CRITERIA}
 
 
-def review(*scores: int) -> Review:
+def review(*scores: int) -> ReviewReply:
     names = CRITERIA[: len(scores)]
-    return Review.model_validate({"scores": dict(zip(names, scores, strict=True))},
+    return ReviewReply.model_validate({"scores": dict(zip(names, scores, strict=True))},
                                  context={"criteria": names})
 
 
-def reviewer_at(mean_scores: list[int]) -> Review:
+def reviewer_at(mean_scores: list[int]) -> ReviewReply:
     return parse_review(review_text(dict(zip(CRITERIA, mean_scores, strict=True))), CRITERIA)
 
 

@@ -126,12 +126,15 @@ def error_for_status(
     """The exception for a non-2xx answer, carrying the server's wait hint when it sent one."""
     said = _server_message(body, secret)
     detail = f": {said}" if said else ""
+    request_id = headers.get("x-request-id") or headers.get("request-id")
     if status == 429 or status in _RETRY_STATUSES or status >= 500:
         cls = RateLimitError if status == 429 else ServerError
         return cls(
             f"{label}: HTTP {status}{detail}",
             endpoint=label,
             status=status,
+            message=said,
+            request_id=request_id,
             retry_after=retry_after(headers, wall_clock),
         )
     fatal: dict[int, tuple[type[EndpointError], str]] = {
@@ -140,4 +143,5 @@ def error_for_status(
         404: (NotFoundError, "not found (check the base URL ends in /v1 and the model is served)"),
     }
     cls_fatal, hint = fatal.get(status, (BadRequestError, "the server rejected the request"))
-    return cls_fatal(f"{label}: HTTP {status}, {hint}{detail}", endpoint=label, status=status)
+    return cls_fatal(f"{label}: HTTP {status}, {hint}{detail}", endpoint=label, status=status,
+                     message=said, request_id=request_id)

@@ -1,0 +1,43 @@
+"""Two helpers of the one concurrency style (asyncio task groups), shared by the layers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+__all__ = ["first_error", "thread_until_done"]
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that made a task group fail, out of its (nested) group.
+
+    When one task fails the group cancels the others, so the first leaf is the cause; the
+    caller re-raises it alone (`raise first_error(group) from None`) to keep one error per
+    event, as the rest of the code and the CLI expect.
+    """
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return first_error(error)
+        return error
+    return group
+
+
+async def thread_until_done(work: Callable[[threading.Event], None]) -> None:
+    """Run `work(stop)` in a worker thread and wait for it.
+
+    A thread cannot be cancelled: on cancellation `stop` is set and the thread is still
+    waited for, so what it reads (the journal) is never closed under it.
+    """
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, work, stop)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        while not future.done():
+            try:
+                await asyncio.wait([future])
+            except asyncio.CancelledError:
+                continue
+        raise

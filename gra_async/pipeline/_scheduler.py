@@ -1,0 +1,256 @@
+"""The run that drives thousands of tasks at once: rounds, admission, and one cancel scope.
+
+Each round is one task group. Stopping it early (the target is met, a second Ctrl-C, the
+grace after a first one is over) is the group's own cancellation: a watcher task in the
+group raises `_Abandoned`, the group cancels every task it owns and waits for them, and
+each cancelled task puts its sample back to `planned`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from itertools import islice
+
+from gra_async._concurrency import first_error, thread_until_done
+from gra_async.accounting import failure_kind
+from gra_async.config import RunConfig
+from gra_async.dedup import Deduplicator
+from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed
+from gra_async.pipeline._calls import Caller
+from gra_async.pipeline._progress import Progress
+from gra_async.pipeline._records import SampleBody
+from gra_async.pipeline._steps import Filter, Gate, TaskSteps, dedup_text
+from gra_async.planner import Planner, Task
+from gra_async.prompts import PromptSet
+from gra_async.seeds import Seed
+from gra_async.store import FinishedTasks, Journal, SampleRecord
+from gra_async.team import Team
+
+__all__ = ["Pipeline", "plan_size"]
+
+log = logging.getLogger("gra_async")
+
+
+class _Withdrawn(Exception):
+    """The target was met while this task ran: it goes back to `planned`, unrecorded."""
+
+
+class _Abandoned(Exception):
+    """Raised inside a round's task group to cancel everything it owns."""
+
+
+def plan_size(config: RunConfig) -> int:
+    """Tasks planned per round: enough for the target at a 10% acceptance rate."""
+    per_round = math.ceil(config.run.target / config.run.rounds)
+    return config.run.max_tasks or max(10 * per_round, 10)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: RunConfig,
+        team: Team,
+        prompts: PromptSet,
+        planner: Planner,
+        journal: Journal,
+        dedup: Deduplicator,
+        *,
+        filters: Sequence[Filter] = (),
+        gate: Gate | None = None,
+    ) -> None:
+        self.config = config
+        self.team = team
+        self.planner = planner
+        self.journal = journal
+        self.dedup = dedup
+        self.progress = Progress(target=config.run.target, prices=dict(team.prices))
+        self._caller = Caller(config, team, journal, self.progress)
+        self._steps = TaskSteps(config, team, prompts, planner, journal, self._caller,
+                                self.progress, self._dedup_index, filters=filters, gate=gate)
+        self._finished = FinishedTasks()
+        self._goal = 0
+        self._stopping = False
+        self._grace: float | None = config.run.grace
+        self._abandoned = False
+        self._signal = asyncio.Event()  # stop() or abandon() was called
+        self._index_ready = asyncio.Event()
+
+    # --- control ---------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def resume_state(self) -> None:
+        """Load what the journal already holds: finished tasks, replies of unfinished ones."""
+        self._finished = self.journal.finished_tasks()
+        self._caller.reuse(self.journal.unfinished_calls())
+        counts = self.journal.state_counts()
+        progress = self.progress
+        progress.accepted = counts["accepted"]
+        progress.rejected, progress.failed = counts["rejected"], counts["failed"]
+        progress.accepted_at_start = progress.accepted
+        progress.failed_at_start = progress.failed
+        progress.finished_at_start = len(self._finished)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop admitting tasks; tasks in flight get `grace` seconds (default `run.grace`,
+        `math.inf` to wait for all of them), then they are abandoned."""
+        self._stopping = True
+        if grace is not None:
+            self._grace = grace
+        self._signal.set()
+
+    def abandon(self) -> None:
+        """Cancel the tasks in flight now; their samples go back to `planned`."""
+        self._abandoned = True
+        self._signal.set()
+
+    # --- the run ---------------------------------------------------------------------
+
+    async def run(self) -> Progress:
+        """Every round until the target, the plan's end or a stop. A fatal error (a 401
+        mid-run) cancels the tasks in flight and is raised alone."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                # The index reloads (~0.3 s per 100,000 samples) while the first calls are
+                # in flight; tasks wait for it only at their dedup step.
+                group.create_task(self._fill_index())
+                for rnd in range(1, self.config.run.rounds + 1):
+                    if self._stopping:
+                        break
+                    if rnd > 1:
+                        await self._grow_pool(rnd)
+                    self._goal = math.ceil(self.config.run.target * rnd / self.config.run.rounds)
+                    if self.progress.accepted < self._goal:
+                        await self._run_round(rnd)
+        except BaseExceptionGroup as errors:
+            raise first_error(errors) from None
+        return self.progress
+
+    async def _fill_index(self) -> None:
+        await thread_until_done(self._fill_dedup)
+        self._index_ready.set()
+
+    def _fill_dedup(self, stop: threading.Event) -> None:
+        """Reload the index from the journal; index accepted samples it lacks (none, unless
+        the journal was made with another dedup layout)."""
+        self.dedup.load()
+        for record in self.journal.accepted(unindexed=True):
+            if stop.is_set():
+                return
+            body = record.body
+            self.dedup.add(record.task_id, dedup_text(body["instruction"], body["response"]))
+            self.journal.commit_fingerprint(record.task_id)
+
+    async def _dedup_index(self) -> Deduplicator:
+        await self._index_ready.wait()
+        return self.dedup
+
+    async def _grow_pool(self, rnd: int) -> None:
+        """Accepted samples of earlier rounds join the seed pool, in plan order, streamed
+        from the journal (the pool is on disk: a large round costs no memory)."""
+        await self.journal.flush()
+        seeds = (Seed(r.task_id, str(r.body["instruction"]), str(r.body["response"]), r.domain)
+                 for r in self.journal.accepted(before_round=rnd))
+        await asyncio.to_thread(self.planner.add_seeds, seeds, rnd)
+
+    async def _run_round(self, rnd: int) -> None:
+        # Tasks in flight: by default as many as the endpoints serve at once, so a task's
+        # reviews never queue behind hundreds of newer tasks' generation calls.
+        limit = self.config.run.max_in_flight or min(self.config.run.concurrency,
+                                                     self.team.capacity())
+        admit = asyncio.Semaphore(limit)
+        self._abandoned = False
+        try:
+            async with asyncio.TaskGroup() as scope:
+                watcher = scope.create_task(self._watch())
+                async with asyncio.TaskGroup() as tasks:
+                    await self._admit(rnd, admit, tasks)
+                watcher.cancel()
+        except BaseExceptionGroup as group:
+            _, errors = group.split(_Abandoned)
+            if errors is not None:
+                # A fatal error in one task (a 401 mid-run) cancelled the others: surface it alone.
+                raise first_error(errors) from None
+
+    async def _watch(self) -> None:
+        """The round's cancel scope: raises once abandon() is called, or once the grace
+        after stop() is over."""
+        while True:
+            await self._signal.wait()
+            self._signal.clear()
+            if self._abandoned:
+                break
+            if self._stopping:
+                grace = None if self._grace is None or math.isinf(self._grace) else self._grace
+                try:
+                    async with asyncio.timeout(grace):
+                        while not self._abandoned:
+                            await self._signal.wait()
+                            self._signal.clear()
+                except TimeoutError:
+                    log.info("grace of %ss over: abandoning the calls in flight", grace)
+                break
+        raise _Abandoned
+
+    async def _admit(self, rnd: int, admit: asyncio.Semaphore, tasks: asyncio.TaskGroup) -> None:
+        for task in islice(self.planner.tasks(rnd), plan_size(self.config)):
+            if (task.round, task.index) in self._finished:
+                continue
+            await admit.acquire()
+            if self._stopping or self.progress.accepted >= self._goal:
+                admit.release()
+                break
+            tasks.create_task(self._run_task(task, admit))
+
+    async def _run_task(self, task: Task, admit: asyncio.Semaphore) -> None:
+        self.progress.in_progress += 1
+        try:
+            self._finish(task, await self._steps.run(task))
+        except _Withdrawn:
+            self.journal.forget_sample(task.id)
+        except asyncio.CancelledError:
+            self.journal.forget_sample(task.id)
+            raise
+        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
+            reason = str(exc)
+            kind = failure_kind(reason)
+            self._record(task, "failed", SampleBody(decision="failed", reason=reason, failure=kind))
+            self.progress.failures[kind] += 1
+            self.progress.failed += 1
+        finally:
+            self.progress.in_progress -= 1
+            admit.release()
+
+    def _finish(self, task: Task, body: SampleBody) -> None:
+        """Synchronous on the loop: the target check and the dedup insert cannot interleave."""
+        if body.decision == "accept":
+            if self.progress.accepted >= self._goal:
+                raise _Withdrawn
+            duplicate = self.dedup.check_and_add(task.id, dedup_text(body.instruction, body.response))
+            if duplicate is not None:
+                body.decision, body.duplicate_of = "duplicate", duplicate
+        progress = self.progress
+        if body.decision == "accept":
+            self._record(task, "accepted", body)
+            progress.accepted += 1
+            if progress.accepted >= self._goal:
+                self.abandon()
+            return
+        self._record(task, "rejected", body)
+        progress.rejected += 1
+        progress.rejections[str(body.decision)] += 1
+        if body.decision == "duplicate":
+            progress.duplicates += 1
+        elif body.decision == "filtered":
+            progress.filtered += 1
+
+    def _record(self, task: Task, state: str, body: SampleBody) -> None:
+        self.journal.record_sample(SampleRecord(
+            task.id, task.round, task.index, state, task.domain, task.seed_ids, body.to_json()))
+

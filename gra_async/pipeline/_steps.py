@@ -1,0 +1,187 @@
+"""The GRA steps of one task: generate, copy check, filters, review panel, gate, adjudicator.
+
+`TaskSteps.run` takes a planned task to a `SampleBody` with a decision; what happens to
+that decision (the target, the final dedup insert, the counters) is the scheduler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal, TypeAlias
+
+from gra_async.config import GateConfig, RunConfig
+from gra_async.dedup import Deduplicator, copied_from
+from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, UsageError
+from gra_async.pipeline._calls import Caller
+from gra_async.pipeline._progress import Progress
+from gra_async.pipeline._records import Adjudication, Draft, FailedReview, SampleBody
+from gra_async.planner import Planner, Task
+from gra_async.prompts import PromptSet, ReviewView
+from gra_async.scoring import (
+    Decision,
+    Panel,
+    ScoredReview,
+    aggregate,
+    decide,
+    parse_generation,
+    parse_review,
+    parse_verdict,
+)
+from gra_async.store import Journal, SampleRecord
+from gra_async.team import Team
+
+__all__ = ["Filter", "Gate", "GateVerdict", "TaskSteps", "dedup_text"]
+
+GateVerdict: TypeAlias = Literal["accept", "reject", "adjudicate"]
+Filter: TypeAlias = Callable[[Draft], "str | Awaitable[str | None] | None"]
+Gate: TypeAlias = Callable[[Panel, GateConfig], "GateVerdict | Decision | Awaitable[GateVerdict | Decision]"]
+
+
+def dedup_text(instruction: str, response: str) -> str:
+    """What dedup compares: the sample whole, as every check and every stored entry sees it."""
+    return f"{instruction}\n{response}"
+
+
+async def _maybe_await(value: object) -> object:
+    return await value if inspect.isawaitable(value) else value
+
+
+class TaskSteps:
+    def __init__(
+        self,
+        config: RunConfig,
+        team: Team,
+        prompts: PromptSet,
+        planner: Planner,
+        journal: Journal,
+        caller: Caller,
+        progress: Progress,
+        dedup: Callable[[], Awaitable[Deduplicator]],
+        *,
+        filters: Sequence[Filter] = (),
+        gate: Gate | None = None,
+    ) -> None:
+        self._config = config
+        self._team = team
+        self._prompts = prompts
+        self._planner = planner
+        self._journal = journal
+        self._caller = caller
+        self._progress = progress
+        self._dedup = dedup
+        self._filters = tuple(filters)
+        self._gate = gate
+        # Without an adjudicator for a task, disagreement is settled by the mean, with the
+        # same tolerance at the bar as every other decision (scoring.decide).
+        self._mean_gate = config.gate.model_copy(update={"adjudicator": False})
+
+    async def run(self, task: Task) -> SampleBody:
+        """The sample of `task`, decided; raises `TaskFailed` when it cannot be made."""
+        team = self._team.assign(task.id)
+        examples = [self._planner.seed(s) for s in task.seed_ids]
+        keywords = self._planner.keywords(task.domain, task.round)
+        messages = self._prompts.generator(task.domain, keywords, examples)
+        sample, reply = await self._caller.structured(
+            task, "generator", team.generator, messages, parse_generation, "gen")
+        body = SampleBody(instruction=sample.instruction, response=sample.response,
+                          generator=team.generator,
+                          tokens=reply.prompt_tokens + reply.completion_tokens)
+
+        # A copy of one of its own few-shot seeds (what small models do most), or of an
+        # accepted sample, is not a new sample: stop before paying for reviews. The
+        # instruction alone counts too: a task copied from an example is not new,
+        # whatever answer comes with it.
+        dedup = await self._dedup()
+        text = dedup_text(sample.instruction, sample.response)
+        instructions = {f"seed:{s.id}": s.instruction for s in examples}
+        wholes = {f"seed:{s.id}": dedup_text(s.instruction, s.response) for s in examples}
+        duplicate = (copied_from(sample.instruction, instructions, dedup.threshold)
+                     or copied_from(text, wholes, dedup.threshold)
+                     or dedup.check(task.id, text))
+        if duplicate is not None:
+            body.decision, body.duplicate_of = "duplicate", duplicate
+            return body
+
+        draft = Draft(task.id, task.round, task.domain, sample.instruction, sample.response,
+                      team.generator, task.seed_ids)
+        for check in self._filters:
+            reason = await _maybe_await(check(draft))
+            if reason is not None:
+                if not isinstance(reason, str):
+                    raise UsageError(f"filter {check!r} returned {reason!r}; return a reason "
+                                     "(str) to reject the draft, or None to keep it")
+                body.decision, body.reason = "filtered", reason
+                return body
+        self._record(task, "generated", body)
+
+        review_prompt = self._prompts.reviewer(sample.instruction, sample.response,
+                                               self._config.gate.criteria)
+        async with asyncio.TaskGroup() as group:
+            pending = [group.create_task(self._review(task, model, review_prompt))
+                       for model in team.reviewers]
+        outcomes = [p.result() for p in pending]
+        body.reviews = tuple(r for r, _ in outcomes if isinstance(r, ScoredReview))
+        body.failed_reviews = tuple(r for r, _ in outcomes if isinstance(r, FailedReview))
+        body.tokens += sum(tokens for _, tokens in outcomes)
+        if team.reviewers and not body.reviews:
+            raise TaskFailed(f"no valid review: {body.failed_reviews[0].error}")
+        panel = aggregate(body.reviews) if body.reviews else None
+        if panel is not None:
+            body.mean, body.std = panel.mean, panel.std
+        decision = await self._decide(panel, has_adjudicator=team.adjudicator is not None)
+
+        if decision is Decision.ADJUDICATE and team.adjudicator is not None:
+            self._record(task, "adjudicating", body)
+            views = [ReviewView(f"Reviewer {i + 1}", r.scores, r.feedback)
+                     for i, r in enumerate(body.reviews)]
+            messages = self._prompts.adjudicator(sample.instruction, sample.response, views,
+                                                 self._config.gate.criteria)
+            verdict, reply = await self._caller.structured(
+                task, "adjudicator", team.adjudicator, messages, parse_verdict, "adj")
+            body.tokens += reply.prompt_tokens + reply.completion_tokens
+            body.adjudication = Adjudication(team.adjudicator, verdict.decision, verdict.reason)
+            self._progress.adjudicated += 1
+            decision = Decision.ACCEPT if verdict.decision == "accept" else Decision.REJECT
+        else:
+            self._record(task, "reviewed", body)
+        body.decision = "accept" if decision is Decision.ACCEPT else "reject"
+        return body
+
+    async def _decide(self, panel: Panel | None, *, has_adjudicator: bool) -> Decision:
+        """The gate, in one place: the configured rule or the user's, then the fallback
+        when this task has no adjudicator. No panel (no reviewers) accepts."""
+        gate = self._config.gate if has_adjudicator else self._mean_gate
+        if panel is None:
+            return Decision.ACCEPT
+        if self._gate is None:
+            decision = decide(panel, gate)
+        else:
+            said = await _maybe_await(self._gate(panel, gate))
+            try:
+                decision = Decision(str(said))
+            except ValueError:
+                raise UsageError(f"gate {self._gate!r} returned {said!r}; return 'accept', "
+                                 "'reject' or 'adjudicate'") from None
+        if decision is Decision.ADJUDICATE and not has_adjudicator:
+            decision = decide(panel, self._mean_gate)
+        return decision
+
+    async def _review(
+        self, task: Task, model: str, messages: list[dict[str, str]],
+    ) -> tuple[ScoredReview | FailedReview, int]:
+        """One reviewer's review and the tokens it cost; a lost review is recorded, not fatal."""
+        criteria = self._config.gate.criteria
+        try:
+            review, reply = await self._caller.structured(
+                task, "reviewer", model, messages,
+                lambda text: parse_review(text, criteria), f"rev/{model}")
+        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
+            return FailedReview(model, str(exc)), 0
+        return (ScoredReview(model, dict(review.scores), review.feedback),
+                reply.prompt_tokens + reply.completion_tokens)
+
+    def _record(self, task: Task, state: str, body: SampleBody) -> None:
+        self._journal.record_sample(SampleRecord(
+            task.id, task.round, task.index, state, task.domain, task.seed_ids, body.to_json()))

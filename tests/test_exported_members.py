@@ -1,0 +1,75 @@
+"""The public surface of `import gra_async`, pinned: a name added or lost is a decision."""
+
+from __future__ import annotations
+
+import gra_async
+
+EXPORTED = [
+    "Adjudication",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigError",
+    "ConnectionFailed",
+    "Decision",
+    "Draft",
+    "EndpointConfig",
+    "EndpointError",
+    "FailedReview",
+    "GateConfig",
+    "GenerationConfig",
+    "GraError",
+    "Interrupted",
+    "InvalidReply",
+    "MalformedResponse",
+    "NotFoundError",
+    "Panel",
+    "PermissionDeniedError",
+    "PlannerConfig",
+    "RateLimitError",
+    "RequestTimeout",
+    "RetriesExhausted",
+    "Review",
+    "RunConfig",
+    "RunDirError",
+    "RunSettings",
+    "RunSummary",
+    "Sample",
+    "ScoredReview",
+    "SeedError",
+    "ServerError",
+    "StopReason",
+    "Synthesizer",
+    "TaskFailed",
+    "TokenUsage",
+    "TransientError",
+    "UnreachableError",
+    "UsageError",
+    "UserError",
+    "__version__",
+    "load_config",
+    "read_samples",
+    "run",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert gra_async.__all__ == EXPORTED
+
+
+def test_every_exported_name_exists_and_says_where_it_lives() -> None:
+    for name in gra_async.__all__:
+        member = getattr(gra_async, name)
+        if name == "__version__" or name == "StopReason":
+            continue
+        # Public objects live in the package; what they are is documented.
+        assert member.__module__.startswith("gra_async"), name
+        assert (member.__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def test_errors_share_one_root() -> None:
+    errors = [getattr(gra_async, n) for n in gra_async.__all__
+              if isinstance(getattr(gra_async, n), type) and n.endswith(("Error", "Exhausted",
+                                                                         "Failed", "Reply",
+                                                                         "Interrupted"))]
+    assert len(errors) >= 20
+    assert all(issubclass(e, gra_async.GraError) for e in errors)
