@@ -26,6 +26,8 @@ Quirks of this server (llama-cpp-python 0.3.36), measured on 2 cores:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import os
 import re
@@ -36,9 +38,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
-import anyio
-import anyio.abc
-import httpx
+import aiohttp
+import orjson
 
 from gra_async.config import EndpointConfig
 from gra_async.errors import ConfigError, UnreachableError
@@ -205,7 +206,7 @@ class LocalModelServer:
         self.stop_timeout = stop_timeout
         self.extra_args = extra_args
         self.log_path: Path | None = None
-        self._process: anyio.abc.Process | None = None
+        self._process: asyncio.subprocess.Process | None = None
         self._temp_log = False
         self._log_offset = 0
 
@@ -292,29 +293,28 @@ class LocalModelServer:
             raise
 
     async def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after `stop_timeout`. Safe to repeat."""
+        """Stop the server: SIGTERM, then SIGKILL after `stop_timeout`. Safe to repeat.
+
+        A cancellation (Ctrl-C) that arrives meanwhile does not leave the server behind: the
+        stop runs to the end, then the cancellation is raised again.
+        """
         process, self._process = self._process, None
         if process is None:
             return
-        with anyio.CancelScope(shield=True):  # Ctrl-C must not leave the server behind
-            if process.returncode is None:
-                process.terminate()
-                with anyio.move_on_after(self.stop_timeout):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-            await process.aclose()
+        cancelled = await _reap(process, self.stop_timeout)
         clean = process.returncode in (0, -15)  # uvicorn exits 0 on SIGTERM
         if self._temp_log and clean and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
+        if cancelled is not None:
+            raise cancelled
 
     async def _spawn(self, port: int, model_path: Path) -> None:
         self.port = port or None  # port 0: the kernel picks one, read back from the log
         log = self._open_log()
         self._log_offset = log.tell()
         try:
-            self._process = await anyio.open_process(
-                self.command(port, model_path),
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command(port, model_path),
                 stdin=None,
                 stdout=log,
                 stderr=log,
@@ -340,9 +340,12 @@ class LocalModelServer:
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
-        deadline = anyio.current_time() + self.startup_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.startup_timeout
         # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback calls.
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=2.0), trust_env=False
+        ) as client:
             while True:
                 code = self._process.returncode
                 if code is not None:
@@ -355,23 +358,26 @@ class LocalModelServer:
                     self.port = self._port_from_log()
                 if self.port is not None and await self._answers(client):
                     return
-                if anyio.current_time() > deadline:
+                if loop.time() > deadline:
                     raise UnreachableError(
                         f"local model server did not answer on {self._label} within "
                         f"{self.startup_timeout:.0f} s (log: {self.log_path}); last lines:\n"
                         f"{self._log_tail()}",
                         endpoint=self._label,
                     )
-                await anyio.sleep(_POLL_INTERVAL)
+                await asyncio.sleep(_POLL_INTERVAL)
 
-    async def _answers(self, client: httpx.AsyncClient) -> bool:
+    async def _answers(self, client: aiohttp.ClientSession) -> bool:
         try:
-            response = await client.get(f"{self.base_url}/models")
-        except httpx.TransportError:
-            return False  # not listening yet
-        if response.status_code == 401:
-            return True  # started with --api_key: it answers, and guards its models
-        return response.status_code == 200 and self.alias in _model_ids(response)
+            async with client.get(f"{self.base_url}/models") as response:
+                if response.status == 401:
+                    return True  # started with --api_key: it answers, and guards its models
+                if response.status != 200:
+                    return False
+                body = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return False  # not listening yet, or not answering yet
+        return self.alias in _model_ids(body)
 
     def _port_from_log(self) -> int | None:
         """The port uvicorn bound, from its "Uvicorn running on http://HOST:PORT" line.
@@ -399,9 +405,40 @@ class LocalModelServer:
         return f"http://{self.host}:{self.port or '?'}/v1"
 
 
-def _model_ids(response: httpx.Response) -> list[str]:
+def _model_ids(body: bytes) -> list[str]:
     try:
-        data = response.json().get("data", [])
+        data = orjson.loads(body).get("data", [])
         return [str(item.get("id")) for item in data if isinstance(item, dict)]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         return []
+
+
+async def _reap(
+    process: asyncio.subprocess.Process, grace: float
+) -> asyncio.CancelledError | None:
+    """SIGTERM `process`, SIGKILL it after `grace` s, and wait until it has exited.
+
+    Runs to the end even when the calling task is cancelled meanwhile (once, or again and
+    again as a cancel scope does): returns that cancellation for the caller to raise.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    cancelled: asyncio.CancelledError | None = None
+    signalled = killed = False
+    while process.returncode is None:
+        if not signalled:
+            signalled = True
+            with contextlib.suppress(ProcessLookupError):  # exited since: nothing to signal
+                process.terminate()
+        elif not killed and loop.time() >= deadline:
+            killed = True
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        try:
+            async with asyncio.timeout_at(None if killed else deadline):
+                await process.wait()
+        except TimeoutError:
+            continue  # the grace period is over: SIGKILL on the next round
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # stop the server first; the caller raises it afterwards
+    return cancelled

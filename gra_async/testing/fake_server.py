@@ -88,8 +88,21 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal, cast
 from urllib.parse import parse_qs
 
-import httptools
 import orjson
+
+try:  # the `testing` extra: the package itself does not need it
+    import httptools
+except ModuleNotFoundError as _missing:
+    if _missing.name != "httptools":
+        raise
+    _HTTPTOOLS = False
+else:
+    _HTTPTOOLS = True
+
+MISSING_HTTPTOOLS: Final = (
+    "the fake server needs httptools, which gra-async does not install by default: "
+    "pip install 'gra-async[testing]'"
+)
 
 __all__ = [
     "FakeOpenAIServer",
@@ -827,6 +840,8 @@ class FakeOpenAIServer:
     # lifecycle
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen and return the bound port (useful with port 0)."""
+        if not _HTTPTOOLS:
+            raise RuntimeError(MISSING_HTTPTOOLS)
         self.host = host
         await self._listen(port)
         return self.port
@@ -1334,8 +1349,11 @@ async def _serve(host: str, port: int, knobs: Knobs) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; exit 2 on bad flags."""
+    """Run the server until SIGTERM/SIGINT; exit 2 on bad flags or without httptools."""
     args = _build_parser().parse_args(argv)
+    if not _HTTPTOOLS:
+        print(f"fake_server: {MISSING_HTTPTOOLS}", file=sys.stderr)
+        return 2
     try:
         knobs = _knobs_from_args(args)
     except (KnobError, orjson.JSONDecodeError) as exc:
@@ -1381,6 +1399,8 @@ class FakeServerProcess:
         **knobs: Any,
     ) -> FakeServerProcess:
         """Spawn `python -m gra_async.testing.fake_server` with these knobs; wait for READY."""
+        if not _HTTPTOOLS:  # the child runs this interpreter: it would fail the same way
+            raise RuntimeError(MISSING_HTTPTOOLS)
         env = dict(os.environ)
         argv = [sys.executable, "-m", "gra_async.testing.fake_server", "--host", host,
                 "--port", str(port)]
