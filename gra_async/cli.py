@@ -3,7 +3,7 @@
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), DESIGN.md §6: 0 target reached, 2 user
 error (one line on stderr, no traceback), 3 stopped before the target (resumable),
-130 interrupted (resumable), 1 bug.
+75 stalled (resumable), 130 interrupted (resumable), 1 bug.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gra_async.errors import (
     EndpointError,
     GraError,
     Interrupted,
+    Stalled,
     TransientError,
     UsageError,
     UserError,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_SHORT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_SHORT, EXIT_STALLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
 _DEFAULT_RUN_DIR = Path("runs/demo")
 
 
@@ -44,6 +45,8 @@ def _exit_code(error: GraError) -> int:
     """What an error means for the process: the one place this is decided."""
     if isinstance(error, Interrupted):
         return EXIT_INTERRUPTED
+    if isinstance(error, Stalled):
+        return EXIT_STALLED
     if isinstance(error, UserError | UsageError):
         return EXIT_USER
     if isinstance(error, EndpointError) and not isinstance(error, TransientError):

@@ -51,10 +51,12 @@ class EndpointConfig(_Strict):
     rpm: int = Field(0, ge=0)  # 0: unlimited
     tpm: int = Field(0, ge=0)
     weight: float = Field(1.0, gt=0)
-    connect_timeout: float = Field(defaults.CONNECT_TIMEOUT, gt=0)
-    read_timeout: float = Field(defaults.READ_TIMEOUT, gt=0)
-    cooldown_after: int = Field(defaults.COOLDOWN_AFTER_FAILURES, ge=1)  # consecutive failures
-    cooldown: float = Field(defaults.COOLDOWN_SECONDS, gt=0)  # seconds; doubles per failed probe
+    connect_timeout: float = Field(defaults.CONNECT_TIMEOUT, gt=0)  # opening a connection
+    read_timeout: float = Field(defaults.READ_TIMEOUT, gt=0)  # a whole call, sent to last byte
+    # The circuit breaker: open after this many consecutive transient failures, or the same
+    # 4xx error this many times in a row; then one probe call every `cooldown` seconds.
+    cooldown_after: int = Field(defaults.COOLDOWN_AFTER_FAILURES, ge=1)
+    cooldown: float = Field(defaults.COOLDOWN_SECONDS, gt=0)
     json_mode: JsonMode = "json_schema"  # how this server takes structured output (DESIGN.md §8)
     price_in: float = Field(0.0, ge=0)  # per million prompt tokens, for the cost line
     price_out: float = Field(0.0, ge=0)
@@ -111,6 +113,9 @@ class GateConfig(_Strict):
     disagreement_std: float = Field(defaults.DISAGREEMENT_STD, ge=0)
     adjudicator: bool = True  # False: the ablation without an adjudicator (disagreement -> mean decides)
     invalid_reply_retries: int = Field(defaults.INVALID_REPLY_RETRIES, ge=0)
+    # Valid reviews a sample needs to be decided; None: the whole panel. A review lost to
+    # the endpoint parks the task (it runs again); below the quorum on invalid replies fails it.
+    min_reviews: int | None = Field(None, ge=1)
 
 
 class GenerationConfig(_Strict):
@@ -149,6 +154,9 @@ class RunSettings(_Strict):
     max_in_flight: int | None = Field(None, ge=1)  # tasks; None: min(concurrency, endpoint capacity)
     max_tasks: int | None = Field(None, ge=1)  # plan size per round; None: 10x the round's target
     grace: float = Field(defaults.GRACE_SECONDS, ge=0)
+    # No call completed for this long while tasks wait: stop (exit 75, resumable).
+    # None: twice the longest read_timeout, at least 10 minutes.
+    stall_timeout: float | None = Field(None, gt=0)
 
 
 class RunConfig(_Strict):

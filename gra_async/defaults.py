@@ -27,9 +27,12 @@ BACKOFF_BASE = 0.5  # seconds; full jitter over base * 2**attempt
 BACKOFF_MAX = 30.0
 RETRY_AFTER_CAP = 120.0  # a server may not park a call for longer than this
 ENDPOINT_CONCURRENCY = 64
-COOLDOWN_AFTER_FAILURES = 5  # consecutive failures before an endpoint is cooled down
-COOLDOWN_SECONDS = 5.0  # first cooldown; doubles on each failed probe, capped
-COOLDOWN_MAX = 60.0
+COOLDOWN_AFTER_FAILURES = 5  # consecutive failures (or the same 4xx) that open the breaker
+# Seconds between probe calls while the breaker is open. Fixed, not doubling: behind one
+# gateway every endpoint fails at once, and a doubled cooldown kept a recovered gateway
+# idle for ~30 s; a probe every 2 s finds it back within one interval.
+COOLDOWN_SECONDS = 2.0
+STALL_MIN = 600.0  # seconds: the least stall_timeout chosen for the user
 INVALID_REPLY_RETRIES = 2  # schema-breaking review/verdict replies re-asked before failing
 
 # Pipeline.

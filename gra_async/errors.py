@@ -12,6 +12,7 @@
     │   ├── NotFoundError             404: wrong URL or model not served
     │   ├── BadRequestError           400 / 422 / other 4xx: the server rejected the request
     │   ├── UnreachableError          the endpoint does not answer at all (start-up probe)
+    │   ├── EndpointsRefusing         every endpoint of a model refuses every call alike
     │   └── TransientError            the same call may succeed later
     │       ├── RateLimitError        429
     │       ├── ServerError           408, 409, 5xx
@@ -21,6 +22,8 @@
     ├── RetriesExhausted          a transient fault outlasted the retry budget (.last)
     ├── InvalidReply              a model reply does not hold what was asked (.reason)
     ├── TaskFailed                one task cannot produce a sample (recorded, the run goes on)
+    ├── TaskParked                a task lost a call to its endpoint: it runs again later
+    ├── Stalled                   no call completed for `run.stall_timeout` s; resumable
     └── Interrupted               SIGINT/SIGTERM stopped the run; it is resumable
 
 Which of these end a run, and with which exit code, is decided by the caller: the CLI
@@ -39,6 +42,7 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "EndpointError",
+    "EndpointsRefusing",
     "GraError",
     "Interrupted",
     "InvalidReply",
@@ -51,7 +55,9 @@ __all__ = [
     "RunDirError",
     "SeedError",
     "ServerError",
+    "Stalled",
     "TaskFailed",
+    "TaskParked",
     "TransientError",
     "UnreachableError",
     "UsageError",
@@ -138,6 +144,11 @@ class UnreachableError(EndpointError):
     """The endpoint could not be reached when probed."""
 
 
+class EndpointsRefusing(EndpointError):
+    """Every endpoint serving a model answers every call with the same 4xx error (a rotated
+    key or a removed model behind a gateway): the run cannot go on."""
+
+
 class TransientError(EndpointError):
     """A fault that the same call may not hit again; the retry policy handles it."""
 
@@ -189,6 +200,15 @@ class InvalidReply(GraError):
 
 class TaskFailed(GraError):
     """One task cannot produce a sample; it is recorded as failed with the reason."""
+
+
+class TaskParked(GraError):
+    """A task lost a call to the endpoint, not to its own fault: it is run again later,
+    never counted as failed and never decided on a partial panel."""
+
+
+class Stalled(GraError):
+    """No call completed for `run.stall_timeout` seconds; the run stopped, resumable."""
 
 
 class Interrupted(GraError):

@@ -45,6 +45,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         span = reader.time_span()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
+        abandoned = (int(reader.meta("abandoned_calls") or 0),
+                     int(reader.meta("abandoned_tokens") or 0))
     finally:
         reader.close()
     rate = None
@@ -67,6 +69,10 @@ def status_report(run_dir: Path) -> dict[str, Any]:
             for role, model, n, t_in, t_out in totals
         ],
         "failures": dict(failures.most_common()),
+        # Calls cut off in flight (target, stop, kill -9): a server or gateway may have
+        # finished and billed them; their tokens are estimated (prompt + completion budget).
+        "abandoned_calls": abandoned[0],
+        "abandoned_tokens": abandoned[1],
         "cost": token_cost({key: n for role, model, _, t_in, t_out in totals
                             for key, n in (((role, model, "in"), t_in or 0),
                                            ((role, model, "out"), t_out or 0))}, prices),
@@ -89,6 +95,9 @@ def format_status(report: dict[str, Any]) -> str:
     for row in report["by_model"]:
         lines.append(f"  {row['role']:<12}{row['model']:<32}{row['calls']:>8} calls "
                      f"{row['prompt_tokens']:>10} in {row['completion_tokens']:>10} out")
+    if report["abandoned_calls"]:
+        lines.append(f"  abandoned in flight: {report['abandoned_calls']} calls "
+                     f"(~{report['abandoned_tokens']} tokens a server may still bill)")
     if report["cost"] is not None:
         lines.append(f"  cost ${report['cost']:.4f} at the configured prices")
     for reason, n in report["failures"].items():

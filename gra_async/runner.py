@@ -31,7 +31,8 @@ __all__ = ["Run", "open_run", "snapshot"]
 log = logging.getLogger("gra_async")
 
 # Run settings that change how a run goes, not what it produces: a resume may change them.
-_OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks")
+_OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks",
+                "stall_timeout")
 
 
 def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str, Any]:
@@ -43,6 +44,8 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str,
     data = config.model_dump(mode="json")
     for key in _OPERATIONAL:
         data["run"].pop(key, None)
+    if data["gate"].get("min_reviews") is None:  # added later: unset, old journals still match
+        data["gate"].pop("min_reviews", None)
     data["endpoints"] = {
         role: sorted({f"{e['model']}:{e['json_mode']}" for e in endpoints})
         for role, endpoints in data["endpoints"].items()

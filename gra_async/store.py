@@ -278,6 +278,7 @@ class Journal:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.reset_at_open = 0  # samples a crash had left mid-way, put back to planned
 
     # --- opening ---------------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class Journal:
                 lock.release()
             raise
         journal = cls(run_dir, conn, lock if owned else None)
-        journal.reset_in_progress()
+        journal.reset_at_open = journal.reset_in_progress()
         return journal
 
     # --- what resume needs -----------------------------------------------------------
@@ -322,6 +323,12 @@ class Journal:
 
     def state_counts(self) -> dict[str, int]:
         return _state_counts(self._conn)
+
+    def meta(self, key: str) -> str | None:
+        """A meta value as committed; call before `start` (the writer owns the connection after)."""
+        assert not self._thread.is_alive(), "Journal.meta() after start()"
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def accepted(
         self, before_round: int | None = None, *, unindexed: bool = False,

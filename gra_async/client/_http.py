@@ -22,8 +22,8 @@ __all__ = ["AiohttpTransport", "HttpResponse", "Timeouts", "Transport"]
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float
-    read: float  # the whole response, first byte to last
+    connect: float  # opening a connection (TCP and TLS)
+    read: float  # the whole call, sent to last byte of the reply; a connect counts within it
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +70,9 @@ class AiohttpTransport:
     def _timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
         cached = self._timeouts.get(timeouts)
         if cached is None:
-            cached = aiohttp.ClientTimeout(
-                total=timeouts.read + timeouts.connect, sock_connect=timeouts.connect
-            )
+            # total = read: the limit a user sets is the limit a call gets (connect + read
+            # let a 5 s read_timeout run 15 s and the message say 5).
+            cached = aiohttp.ClientTimeout(total=timeouts.read, sock_connect=timeouts.connect)
             self._timeouts[timeouts] = cached
         return cached
 

@@ -1,27 +1,40 @@
 """One OpenAI-compatible endpoint: its limits, its health, its statistics, and one attempt of a call.
 
 An `Endpoint` never retries and never sleeps on behalf of other calls: the pool picks it,
-it sends one attempt, and it learns from the answer (429s shrink its concurrency window,
-`x-ratelimit-*` headers hold new admissions until the reset, consecutive failures cool it down).
+it sends one attempt, and it learns from the answer: 429s shrink its concurrency window,
+rate-limit headers (plain or a gateway's `llm_provider-` copies) hold new admissions for
+one request's worth of refill, and a circuit breaker opens after `cooldown_after`
+consecutive failures (transient ones, or the same 4xx error): then one probe call every
+`cooldown` seconds, until one succeeds.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiolimiter import AsyncLimiter
 
-from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client.retry import error_for_status, parse_duration
 from gra_async.config import EndpointConfig
-from gra_async.errors import GraError, MalformedResponse, RateLimitError, TransientError
+from gra_async.errors import (
+    EndpointError,
+    GraError,
+    MalformedResponse,
+    RateLimitError,
+    RequestTimeout,
+    TransientError,
+)
 
 __all__ = ["Endpoint"]
+
+log = logging.getLogger("gra_async")
 
 Clock = Callable[[], float]
 # A 429 storm arrives as a burst from one window of in-flight calls; cutting once per
@@ -30,6 +43,22 @@ _CUT_INTERVAL = 1.0
 _HOLD_CAP = 60.0
 # A token bucket of 10 s: one request may need more than a second's worth of tokens.
 _TPM_BUCKET = 10.0
+# `remaining: 0` with no reset (LiteLLM's own limiter sends that): hold this long when the
+# limit is not known either; with a known limit, one request's worth of a per-minute budget.
+_BLIND_HOLD = 1.0
+# Gateways forward the upstream's rate-limit headers under a prefix (LiteLLM: llm_provider-).
+_HEADER_PREFIXES = ("", "llm_provider-")
+_DIGITS = re.compile(r"\d+")
+# A timeout warning once an endpoint has this many and more timeouts than replies.
+_TIMEOUT_WARN_AFTER = 3
+
+Health = Literal["ok", "open", "refusing"]
+
+
+def _signature(error: EndpointError) -> tuple[str, int | None, str]:
+    """What makes two errors "the same": class, status and the server's message with its
+    numbers dropped ("max context 2048, you asked 2100" and "... 2300" are one error)."""
+    return type(error).__name__, error.status, _DIGITS.sub("#", error.message)[:120]
 
 
 def _per_second(per_minute: int, bucket: float) -> AsyncLimiter:
@@ -73,11 +102,16 @@ class Endpoint:
         self.window = float(config.max_concurrency)
         self._last_cut = -_CUT_INTERVAL
         self.hold_until = 0.0  # no new admissions before this (rate-limit headers said so)
-        # Health: consecutive failures cool the endpoint down; one probe call may pass after.
+        # Health (the circuit breaker): open after `cooldown_after` consecutive transient
+        # failures or the same 4xx error that often; open, one probe call per `cooldown` s.
         self.consecutive_failures = 0
-        self.cooldown = config.cooldown
-        self.cool_until = 0.0
-        self.probing = False
+        self._same_errors = 0
+        self._last_signature: tuple[str, int | None, str] | None = None
+        self.open_error: EndpointError | None = None  # the error that opened the breaker
+        self.next_probe = 0.0
+        self._timed_out = 0
+        self._abandoned = self._abandoned_tokens = 0
+        self._timeout_warned = False
         # Counters behind `stats()`.
         self.in_flight = 0
         self._requests = self._succeeded = self._failed = 0
@@ -103,16 +137,30 @@ class Endpoint:
         """In-flight work relative to weight: the pool sends the next call to the lowest."""
         return self.in_flight / self.config.weight
 
+    @property
+    def health(self) -> Health:
+        if self.open_error is None:
+            return "ok"
+        return "open" if isinstance(self.open_error, TransientError) else "refusing"
+
     def admissible(self, now: float) -> bool:
-        if now < self.hold_until or now < self.cool_until:
+        if now < self.hold_until:
             return False
-        if self.cool_until and self.probing:
-            return self.in_flight == 0  # one probe call at a time after a cooldown
+        if self.open_error is not None:
+            return self.in_flight == 0 and now >= self.next_probe  # one probe at a time
         return self.in_flight < max(1, int(self.window))
 
+    def admitted(self, now: float) -> None:
+        """A call was given this endpoint; with the breaker open, it is the probe."""
+        self.in_flight += 1
+        if self.open_error is not None:
+            self.next_probe = now + self.config.cooldown
+
     def wake_time(self, now: float) -> float | None:
-        """When a timed block (hold or cooldown) ends, if one is what keeps us closed."""
-        blocked = max(self.hold_until, self.cool_until)
+        """When a timed block (hold or the next probe) ends, if one is what keeps us closed."""
+        blocked = self.hold_until
+        if self.open_error is not None:
+            blocked = max(blocked, self.next_probe)
         return blocked if blocked > now else None
 
     # --- one attempt -----------------------------------------------------------------
@@ -190,28 +238,43 @@ class Endpoint:
         )
 
     def _observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Hold new admissions when the server says its budget is spent until a reset."""
-        for kind in ("requests", "tokens"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            if remaining is None:
-                continue
-            try:
-                spent = float(remaining) <= 0
-            except ValueError:
-                continue
-            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
-            if spent and reset:
-                self.hold_until = max(self.hold_until, self._clock() + min(reset, _HOLD_CAP))
+        """Hold new admissions while the server says its budget is spent.
+
+        A budget refills continuously (a token bucket): `reset` is the time until it is
+        full again, so one more request's worth is back after `reset / limit` of it, not
+        after all of it (holding the whole 60 s let through 757 calls a minute against
+        ~1,200 allowed). With no reset, hold for one request's worth at the known limit.
+        """
+        for prefix in _HEADER_PREFIXES:
+            for kind in ("requests", "tokens"):
+                remaining = _number(headers.get(f"{prefix}x-ratelimit-remaining-{kind}"))
+                if remaining is None or remaining > 0:
+                    continue
+                limit = _number(headers.get(f"{prefix}x-ratelimit-limit-{kind}"))
+                reset = parse_duration(headers.get(f"{prefix}x-ratelimit-reset-{kind}", ""))
+                unit = 1.0 if kind == "requests" else max(self._tokens_per_call(), 1.0)
+                if reset is not None and limit:
+                    hold = reset * min(unit / limit, 1.0)
+                elif reset is not None:
+                    hold = reset
+                elif limit:
+                    hold = 60.0 * min(unit / limit, 1.0)
+                else:
+                    hold = _BLIND_HOLD
+                self.hold_until = max(self.hold_until, self._clock() + min(hold, _HOLD_CAP))
+
+    def _tokens_per_call(self) -> float:
+        return (self._tokens_in + self._tokens_out) / self._succeeded if self._succeeded else 0.0
 
     # --- outcomes --------------------------------------------------------------------
 
     def succeeded(self) -> None:
         self._succeeded += 1
-        self.consecutive_failures = 0
-        if self.cool_until:
-            self.cool_until = 0.0
-            self.probing = False
-            self.cooldown = self.config.cooldown
+        self.consecutive_failures = self._same_errors = 0
+        self._last_signature = None
+        if self.open_error is not None:
+            log.warning("%s answers again", self.label)
+            self.open_error = None
         if self.window < self.config.max_concurrency:
             self.window = min(float(self.config.max_concurrency), self.window + 1.0 / self.window)
 
@@ -224,14 +287,33 @@ class Endpoint:
                 self.window = max(1.0, self.window / 2.0)
                 self._last_cut = now
             return  # a busy server is healthy: slow down, don't cool down
-        if not isinstance(error, TransientError):
+        if not isinstance(error, EndpointError):
             return
-        self.consecutive_failures += 1
-        if self.probing or self.consecutive_failures >= self.config.cooldown_after:
-            if self.probing:
-                self.cooldown = min(self.cooldown * 2.0, defaults.COOLDOWN_MAX)
-            self.cool_until = self._clock() + self.cooldown
-            self.probing = True
+        if isinstance(error, RequestTimeout):
+            self._timed_out += 1
+            if (not self._timeout_warned and self._timed_out >= _TIMEOUT_WARN_AFTER
+                    and self._timed_out > self._succeeded):
+                self._timeout_warned = True
+                log.warning("calls to %s time out after %g s: raise its read_timeout",
+                            self.label, self.config.read_timeout)
+        signature = _signature(error)
+        self._same_errors = self._same_errors + 1 if signature == self._last_signature else 1
+        self._last_signature = signature
+        if isinstance(error, TransientError):
+            self.consecutive_failures += 1
+        threshold = self.config.cooldown_after
+        if self.open_error is None and (self.consecutive_failures >= threshold
+                                        or self._same_errors >= threshold):
+            log.warning("%s: %d calls in a row failed (%s); one probe call every %g s until "
+                        "it answers", self.label, threshold, error, self.config.cooldown)
+            self.open_error = error
+            self.next_probe = self._clock() + self.config.cooldown
+        elif self.open_error is not None:
+            self.open_error = error  # the probe failed: the latest reason is the one to show
+
+    def abandoned(self, request: ChatRequest) -> None:
+        self._abandoned += 1
+        self._abandoned_tokens += request.estimated_tokens()
 
     def stats(self) -> EndpointStats:
         return EndpointStats(
@@ -247,5 +329,19 @@ class Endpoint:
             tokens_in=self._tokens_in,
             tokens_out=self._tokens_out,
             latency_mean=self._latency_total / self._succeeded if self._succeeded else 0.0,
-            healthy=self.cool_until == 0.0,
+            healthy=self.open_error is None,
+            health=self.health,
+            timeouts=self._timed_out,
+            abandoned=self._abandoned,
+            abandoned_tokens=self._abandoned_tokens,
+            last_error=str(self.open_error) if self.open_error is not None else "",
         )
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None

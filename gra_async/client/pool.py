@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client.endpoint import Endpoint
 from gra_async.client.retry import RetryPolicy
-from gra_async.errors import EndpointError, RetriesExhausted, TransientError
+from gra_async.errors import EndpointError, EndpointsRefusing, RetriesExhausted, TransientError
 
 __all__ = ["EndpointPool"]
 
@@ -40,6 +40,7 @@ class EndpointPool:
         self._waiters: dict[str | None, deque[asyncio.Future[None]]] = {
             key: deque() for key in self._by_model
         }
+        self._refused: dict[str | None, EndpointsRefusing] = {}
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -56,8 +57,11 @@ class EndpointPool:
     async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatReply:
         """One model call, retried on transient faults; `model=None` takes any endpoint.
 
-        Raises `EndpointError` subclasses at once (400/401/403/404/422) and
-        `RetriesExhausted` when transient faults outlast the retry budget.
+        Raises `EndpointError` subclasses at once (400/401/403/404/422),
+        `EndpointsRefusing` once every endpoint of the model refuses every call alike, and
+        `RetriesExhausted` when transient faults outlast the retry budget. While every
+        endpoint of the model is failing, a call waits for a probe to get through instead
+        of spending its retries.
         """
         if model not in self._by_model:
             raise ValueError(f"no endpoint serves model {model!r} (have {', '.join(self.models)})")
@@ -80,25 +84,51 @@ class EndpointPool:
             except EndpointError as error:
                 endpoint.failed(error)
                 self._release(endpoint)
+                self._check_refusing(model, endpoint)
                 raise
             except BaseException:
-                self._release(endpoint)  # cancelled: the slot goes back, nothing is learned
+                # Cancelled in flight: the slot goes back, nothing is learned about health,
+                # but the server (or a gateway in front of it) may finish and bill the call.
+                endpoint.abandoned(request)
+                self._release(endpoint)
                 raise
             endpoint.succeeded()
             self._release(endpoint)
             return reply
 
+    def _check_refusing(self, model: str | None, failed: Endpoint) -> None:
+        """When every endpoint of a model refuses alike, every waiting call learns it."""
+        for key in {model, failed.model, None}:
+            candidates = self._by_model.get(key, ())
+            if key in self._refused or not candidates:
+                continue
+            if all(e.health == "refusing" for e in candidates):
+                error = failed.open_error
+                assert error is not None
+                self._refused[key] = EndpointsRefusing(
+                    f"every endpoint serving {key or 'this role'} refuses every call: {error} "
+                    "(a gateway answers a rotated key or a removed model like this: check the "
+                    "key, the model name and the gateway)",
+                    endpoint=failed.label, status=error.status, message=error.message,
+                    request_id=error.request_id)
+                for future in self._waiters.get(key, ()):
+                    if not future.done():
+                        future.set_result(None)
+
     async def _acquire(self, model: str | None) -> Endpoint:
         candidates = self._by_model[model]
         waiters = self._waiters[model]
         while True:
+            refused = self._refused.get(model)
+            if refused is not None:
+                raise refused
             now = self._clock()
             best: Endpoint | None = None
             for endpoint in candidates:
                 if endpoint.admissible(now) and (best is None or endpoint.load() < best.load()):
                     best = endpoint
             if best is not None:
-                best.in_flight += 1
+                best.admitted(now)
                 return best
             wake = [t for e in candidates if (t := e.wake_time(now)) is not None]
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -109,7 +139,7 @@ class EndpointPool:
                 else:
                     await future
             except TimeoutError:
-                pass  # a hold or cooldown ended: look again
+                pass  # a hold ended or a probe is due: look again
             except BaseException:
                 if future.done() and not future.cancelled():
                     self._wake(model)  # handed a slot we will not use: pass it on

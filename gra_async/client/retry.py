@@ -72,14 +72,25 @@ def parse_duration(value: str) -> float | None:
 
 
 def retry_after(headers: Mapping[str, str], wall_clock: Callable[[], float]) -> float | None:
-    """Seconds the server asks us to wait, from `retry-after-ms` or `Retry-After`."""
-    millis = headers.get("retry-after-ms")
+    """Seconds the server asks us to wait, from `retry-after-ms` or `Retry-After`, or
+    their copies a gateway forwards from its upstream (LiteLLM: `llm_provider-retry-after`)."""
+    for prefix in ("", "llm_provider-"):
+        wait = _retry_after(headers, prefix, wall_clock)
+        if wait is not None:
+            return wait
+    return None
+
+
+def _retry_after(
+    headers: Mapping[str, str], prefix: str, wall_clock: Callable[[], float],
+) -> float | None:
+    millis = headers.get(f"{prefix}retry-after-ms")
     if millis is not None:
         try:
             return max(float(millis) / 1000.0, 0.0)
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = headers.get(f"{prefix}retry-after")
     if value is None:
         return None
     try:

@@ -9,6 +9,7 @@ steps depending on each other never idle the slots.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -35,6 +36,7 @@ class Caller:
         self._progress = progress
         self._slots = asyncio.Semaphore(config.run.concurrency)
         self._cache: dict[str, CallRecord] = {}
+        self._made: dict[str, list[CallRecord]] = {}  # replies of the tasks in flight
         gen = config.generation
         self._schemas = {
             "generator": generation_schema(gen.max_tokens),
@@ -49,6 +51,14 @@ class Caller:
     def reuse(self, replies: dict[str, CallRecord]) -> None:
         """Replies journaled by an earlier session for tasks it did not finish."""
         self._cache = replies
+
+    def keep(self, task_id: str) -> None:
+        """The task runs again later (parked): its replies so far answer it then."""
+        for record in self._made.pop(task_id, ()):
+            self._cache[record.key] = record
+
+    def done(self, task_id: str) -> None:
+        self._made.pop(task_id, None)
 
     async def structured(
         self, task: Task, role: Role, model: str, messages: Messages, parse: Callable[[str], T],
@@ -98,10 +108,12 @@ class Caller:
                               response_format=fmt)
         async with self._slots:
             reply = await self._team.pools[role].chat(request, model=model)
+        self._progress.last_activity = time.monotonic()
         record = CallRecord(key, task.id, role, model, reply.endpoint, reply.content,
                             reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
                             reply.latency, reply.attempts)
         self._journal.record_call(record)
+        self._made.setdefault(task.id, []).append(record)
         self._progress.calls_sent += 1
         self._progress.tokens[(role, model, "in")] += reply.prompt_tokens
         self._progress.tokens[(role, model, "out")] += reply.completion_tokens

@@ -25,6 +25,8 @@ class Progress:
     in_progress: int = 0
     calls_sent: int = 0
     calls_reused: int = 0
+    parked: int = 0  # tasks that lost a call to the endpoint and went back to run again
+    last_activity: float = field(default_factory=time.monotonic)  # a call or a task finished
     accepted_at_start: int = 0  # from the journal, so rates count this session's work only
     finished_at_start: int = 0
     failed_at_start: int = 0

@@ -9,17 +9,28 @@ each cancelled task puts its sample back to `planned`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
+from gra_async import defaults
 from gra_async._concurrency import first_error, thread_until_done
 from gra_async.accounting import failure_kind
 from gra_async.config import RunConfig
 from gra_async.dedup import Deduplicator
-from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed
+from gra_async.errors import (
+    BadRequestError,
+    GraError,
+    RetriesExhausted,
+    Stalled,
+    TaskFailed,
+    TaskParked,
+)
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import SampleBody
@@ -78,6 +89,14 @@ class Pipeline:
         self._abandoned = False
         self._signal = asyncio.Event()  # stop() or abandon() was called
         self._index_ready = asyncio.Event()
+        self._parked: deque[Task] = deque()
+        self._bad_requests: set[str] = set()  # tasks that got a 400 once already
+        self._running = 0  # tasks admitted and not yet finished, this round
+        self._changed = asyncio.Event()  # a task finished or parked: admission looks again
+        self._abandoned_before = self._abandoned_tokens_before = 0
+        reads = [e.config.read_timeout for p in team.stats_pools() for e in p.endpoints]
+        self._stall_timeout = config.run.stall_timeout or max(defaults.STALL_MIN,
+                                                              2 * max(reads, default=0.0))
 
     # --- control ---------------------------------------------------------------------
 
@@ -96,6 +115,11 @@ class Pipeline:
         progress.accepted_at_start = progress.accepted
         progress.failed_at_start = progress.failed
         progress.finished_at_start = len(self._finished)
+        # Calls cut off in flight by earlier sessions: counted at their end, and one per
+        # task that a kill -9 left mid-way (at least one call was in flight there).
+        self._abandoned_before = (int(self.journal.meta("abandoned_calls") or 0)
+                                  + self.journal.reset_at_open)
+        self._abandoned_tokens_before = int(self.journal.meta("abandoned_tokens") or 0)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop admitting tasks; tasks in flight get `grace` seconds (default `run.grace`,
@@ -130,7 +154,17 @@ class Pipeline:
                         await self._run_round(rnd)
         except BaseExceptionGroup as errors:
             raise first_error(errors) from None
+        finally:
+            self._record_abandoned()
         return self.progress
+
+    def _record_abandoned(self) -> None:
+        stats = [s for pool in self.team.stats_pools() for s in pool.stats()]
+        calls = self._abandoned_before + sum(s.abandoned for s in stats)
+        tokens = self._abandoned_tokens_before + sum(s.abandoned_tokens for s in stats)
+        with contextlib.suppress(GraError):  # a journal that failed says so on close
+            self.journal.set_meta("abandoned_calls", str(calls))
+            self.journal.set_meta("abandoned_tokens", str(tokens))
 
     async def _fill_index(self) -> None:
         await thread_until_done(self._fill_dedup)
@@ -166,12 +200,14 @@ class Pipeline:
                                                      self.team.capacity())
         admit = asyncio.Semaphore(limit)
         self._abandoned = False
+        self._parked.clear()  # left from an earlier round: planned still, for a later session
         try:
             async with asyncio.TaskGroup() as scope:
-                watcher = scope.create_task(self._watch())
+                watchers = (scope.create_task(self._watch()), scope.create_task(self._stall_watch()))
                 async with asyncio.TaskGroup() as tasks:
                     await self._admit(rnd, admit, tasks)
-                watcher.cancel()
+                for watcher in watchers:
+                    watcher.cancel()
         except BaseExceptionGroup as group:
             _, errors = group.split(_Abandoned)
             if errors is not None:
@@ -198,18 +234,60 @@ class Pipeline:
                 break
         raise _Abandoned
 
+    async def _stall_watch(self) -> None:
+        """Stop the run when tasks wait and no call has completed for `stall_timeout` s:
+        every endpoint down or timing out is then the user's to look at, not ours to hide."""
+        stall = self._stall_timeout
+        while True:
+            await asyncio.sleep(min(stall / 10, 5.0))
+            idle = time.monotonic() - self.progress.last_activity
+            if self._running and idle > stall:
+                states = "; ".join(
+                    f"{s.label}: {s.health}" + (f" ({s.last_error})" if s.last_error else "")
+                    + (f", {s.timeouts} timeouts" if s.timeouts else "")
+                    for p in self.team.stats_pools() for s in p.stats())
+                raise Stalled(f"stalled: no call completed for {idle:.0f} s with {self._running} "
+                              f"tasks waiting ({states}); run the same command again to resume")
+
     async def _admit(self, rnd: int, admit: asyncio.Semaphore, tasks: asyncio.TaskGroup) -> None:
-        for task in islice(self.planner.tasks(rnd), plan_size(self.config)):
-            if (task.round, task.index) in self._finished:
+        """The round's plan, then the tasks parked along the way, until the goal or a stop."""
+        plan = (t for t in islice(self.planner.tasks(rnd), plan_size(self.config))
+                if (t.round, t.index) not in self._finished)
+        while True:
+            task = self._parked.popleft() if self._parked else next(plan, None)
+            if task is None:
+                if not self._running:
+                    return
+                self._changed.clear()
+                await self._changed.wait()  # a parked task may come back
                 continue
-            await admit.acquire()
+            await self._room(admit)
             if self._stopping or self.progress.accepted >= self._goal:
                 admit.release()
-                break
+                return
+            self._running += 1
             tasks.create_task(self._run_task(task, admit))
+
+    async def _room(self, admit: asyncio.Semaphore) -> None:
+        """A slot for one more task. Near the goal, no more tasks in flight than the
+        acceptance rate says the goal still needs (x1.5): what is in flight when the goal
+        is met is cancelled, and a gateway may bill it anyway."""
+        await admit.acquire()
+        progress = self.progress
+        while True:
+            finished = progress.finished - progress.finished_at_start
+            accepted = progress.accepted - progress.accepted_at_start
+            if finished < 20 or not accepted:
+                return
+            needed = max(self._goal - progress.accepted, 0)
+            if self._running < math.ceil(1.5 * needed * finished / accepted) + 1:
+                return
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _run_task(self, task: Task, admit: asyncio.Semaphore) -> None:
         self.progress.in_progress += 1
+        parked = False
         try:
             self._finish(task, await self._steps.run(task))
         except _Withdrawn:
@@ -217,15 +295,42 @@ class Pipeline:
         except asyncio.CancelledError:
             self.journal.forget_sample(task.id)
             raise
-        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
-            reason = str(exc)
-            kind = failure_kind(reason)
-            self._record(task, "failed", SampleBody(decision="failed", reason=reason, failure=kind))
-            self.progress.failures[kind] += 1
-            self.progress.failed += 1
+        except (RetriesExhausted, TaskParked) as exc:
+            parked = self._park(task, exc)
+        except BadRequestError as exc:
+            # One 400 may be the endpoint's (a gateway that lost its key store answers every
+            # call so): the task runs again, and only a second 400 is its own. Meanwhile the
+            # breaker stops the run if every call gets the same one.
+            if task.id in self._bad_requests:
+                self._fail(task, exc)
+            else:
+                self._bad_requests.add(task.id)
+                parked = self._park(task, exc)
+        except TaskFailed as exc:
+            self._fail(task, exc)
         finally:
             self.progress.in_progress -= 1
+            self._running -= 1
+            if not parked:
+                self._caller.done(task.id)
+            self.progress.last_activity = time.monotonic()
+            self._changed.set()
             admit.release()
+
+    def _park(self, task: Task, error: Exception) -> bool:
+        log.info("task %s parked: %s", task.id, error)
+        self.journal.forget_sample(task.id)
+        self._caller.keep(task.id)
+        self._parked.append(task)
+        self.progress.parked += 1
+        return True
+
+    def _fail(self, task: Task, error: Exception) -> None:
+        reason = str(error)
+        kind = failure_kind(reason)
+        self._record(task, "failed", SampleBody(decision="failed", reason=reason, failure=kind))
+        self.progress.failures[kind] += 1
+        self.progress.failed += 1
 
     def _finish(self, task: Task, body: SampleBody) -> None:
         """Synchronous on the loop: the target check and the dedup insert cannot interleave."""

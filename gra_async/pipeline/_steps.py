@@ -13,7 +13,7 @@ from typing import Literal, TypeAlias
 
 from gra_async.config import GateConfig, RunConfig
 from gra_async.dedup import Deduplicator, copied_from
-from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, UsageError
+from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, TaskParked, UsageError
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import Adjudication, Draft, FailedReview, SampleBody
@@ -122,11 +122,23 @@ class TaskSteps:
             pending = [group.create_task(self._review(task, model, review_prompt))
                        for model in team.reviewers]
         outcomes = [p.result() for p in pending]
+        # A review lost to the endpoint (not the reviewer's fault) is asked again when the
+        # task runs again; the reviews that came back are reused from the journal then.
+        lost = [r for r, _ in outcomes if isinstance(r, Exception)]
+        for error in lost:
+            if isinstance(error, BadRequestError):
+                raise error
+        if lost:
+            raise TaskParked(f"a review was lost to the endpoint: {lost[0]}")
         body.reviews = tuple(r for r, _ in outcomes if isinstance(r, ScoredReview))
         body.failed_reviews = tuple(r for r, _ in outcomes if isinstance(r, FailedReview))
         body.tokens += sum(tokens for _, tokens in outcomes)
         if team.reviewers and not body.reviews:
             raise TaskFailed(f"no valid review: {body.failed_reviews[0].error}")
+        quorum = min(self._config.gate.min_reviews or len(team.reviewers), len(team.reviewers))
+        if len(body.reviews) < quorum:
+            raise TaskFailed(f"{len(body.reviews)} valid reviews of {len(team.reviewers)}, "
+                             f"below the quorum of {quorum}: {body.failed_reviews[0].error}")
         panel = aggregate(body.reviews) if body.reviews else None
         if panel is not None:
             body.mean, body.std = panel.mean, panel.std
@@ -170,15 +182,19 @@ class TaskSteps:
 
     async def _review(
         self, task: Task, model: str, messages: list[dict[str, str]],
-    ) -> tuple[ScoredReview | FailedReview, int]:
-        """One reviewer's review and the tokens it cost; a lost review is recorded, not fatal."""
+    ) -> tuple[ScoredReview | FailedReview | RetriesExhausted | BadRequestError, int]:
+        """One reviewer's review and the tokens it cost. Invalid replies make a failed
+        review; a call lost to the endpoint comes back as its error, so the other
+        reviews of the panel are not cancelled with it."""
         criteria = self._config.gate.criteria
         try:
             review, reply = await self._caller.structured(
                 task, "reviewer", model, messages,
                 lambda text: parse_review(text, criteria), f"rev/{model}")
-        except (TaskFailed, RetriesExhausted, BadRequestError) as exc:
+        except TaskFailed as exc:
             return FailedReview(model, str(exc)), 0
+        except (RetriesExhausted, BadRequestError) as exc:
+            return exc, 0
         return (ScoredReview(model, dict(review.scores), review.feedback),
                 reply.prompt_tokens + reply.completion_tokens)
 
