@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed: the plan and the role draws follow from it")
     run.add_argument("--grace", type=float, help=f"seconds in-flight calls get after Ctrl-C (default {defaults.GRACE_SECONDS:g})")
     run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="plan again failed tasks whose endpoint failed them (not their replies)")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
@@ -154,7 +156,7 @@ async def _run(args: argparse.Namespace) -> int:
     from gra_async.synthesizer import Synthesizer
 
     config = _config(args)
-    synth = Synthesizer(config, force=args.force)
+    synth = Synthesizer(config, force=args.force, retry_failed=args.retry_failed)
     signals = _Signals(synth)
     async with synth:
         display = ProgressDisplay(synth.progress, synth.endpoint_stats)
@@ -240,13 +242,24 @@ async def _doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is now (a caller, or pytest, may have replaced it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _console_logging() -> None:
     """The library logs to `gra_async`; the CLI shows its warnings on stderr, one line each."""
     logger = logging.getLogger("gra_async")
-    if not any(getattr(h, "_gra_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._gra_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     level = os.environ.get("GRA_LOG_LEVEL", "WARNING").upper()
     logger.setLevel(level if level in logging.getLevelNamesMapping() else logging.WARNING)

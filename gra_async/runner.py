@@ -139,7 +139,7 @@ class Run:
 @contextlib.asynccontextmanager
 async def open_run(
     config: RunConfig, *, force: bool = False, filters: Sequence[Filter] = (),
-    gate: Gate | None = None,
+    gate: Gate | None = None, retry_failed: bool = False,
 ) -> AsyncIterator[Run]:
     """Everything a run needs, validated before any task starts (bad input fails here).
 
@@ -163,6 +163,8 @@ async def open_run(
         journal = Journal.open(run_dir, snapshot(live, seeds_sha256=inputs["seeds_sha256"]),
                                force=force, lock=lock)
         stack.push_async_callback(journal.close)
+        if retry_failed and (replanned := journal.replan_failed()):
+            log.warning("%d failed tasks whose endpoint failed them are planned again", replanned)
         threshold = config.planner.near_dup_threshold
         dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
         planner = Planner(seeds, config.run.seed, config.generation.few_shot)

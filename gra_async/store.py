@@ -344,6 +344,23 @@ class Journal:
         finally:
             reader.close()
 
+    def replan_failed(self) -> int:
+        """Failed tasks whose reason was the endpoint's, not theirs, go back to `planned`.
+
+        Journals of earlier versions failed a task for good when its endpoint was down
+        (retries exhausted) or answered every call with a 400; those reasons carry "gave up
+        after" or "HTTP 4xx/5xx". Invalid replies stay failed: they are the task's own.
+        """
+        try:
+            with transaction(self._conn):
+                cursor = self._conn.execute(
+                    "UPDATE samples SET state = 'planned' WHERE state = 'failed' AND ("
+                    "json_extract(body, '$.reason') LIKE '%gave up after%' OR "
+                    "json_extract(body, '$.reason') GLOB '*HTTP [45][0-9][0-9]*')")
+        except sqlite3.DatabaseError as exc:
+            raise RunDirError.writing(self.run_dir, exc) from None
+        return cursor.rowcount
+
     def reset_in_progress(self) -> int:
         """Samples left mid-way by a crash go back to `planned`; their calls stay journaled."""
         cursor = self._conn.execute(

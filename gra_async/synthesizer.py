@@ -96,6 +96,8 @@ class Synthesizer:
     that reason. `gate` replaces the decision rule: `(panel, gate_config)` returns
     "accept", "reject" or "adjudicate" (sync or async); without an adjudicator for a task,
     "adjudicate" falls back to the panel mean. An exception raised by either stops the run.
+    `force` continues a run directory made with another config; `retry_failed` plans again
+    the failed tasks whose endpoint failed them (journals of versions that failed those).
     """
 
     def __init__(
@@ -105,11 +107,13 @@ class Synthesizer:
         filters: Sequence[Filter] = (),
         gate: Gate | None = None,
         force: bool = False,
+        retry_failed: bool = False,
     ) -> None:
         self.config = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
         self._filters = tuple(filters)
         self._gate = gate
         self._force = force
+        self._retry_failed = retry_failed
         self._stack: contextlib.AsyncExitStack | None = None
         self._run: Run | None = None
         self._ran = False
@@ -120,7 +124,8 @@ class Synthesizer:
             raise UsageError("this Synthesizer is open already")
         stack = contextlib.AsyncExitStack()
         self._run = await stack.enter_async_context(open_run(
-            self.config, force=self._force, filters=self._filters, gate=self._gate))
+            self.config, force=self._force, filters=self._filters, gate=self._gate,
+            retry_failed=self._retry_failed))
         self._stack = stack
         return self
 

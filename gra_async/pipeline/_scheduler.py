@@ -90,7 +90,9 @@ class Pipeline:
         self._signal = asyncio.Event()  # stop() or abandon() was called
         self._index_ready = asyncio.Event()
         self._parked: deque[Task] = deque()
-        self._bad_requests: set[str] = set()  # tasks that got a 400 once already
+        # Tasks that got a 400, with the calls completed by then: a second 400 is the
+        # task's own only if other calls have succeeded since (the endpoint works).
+        self._bad_requests: dict[str, int] = {}
         self._running = 0  # tasks admitted and not yet finished, this round
         self._changed = asyncio.Event()  # a task finished or parked: admission looks again
         self._abandoned_before = self._abandoned_tokens_before = 0
@@ -269,18 +271,17 @@ class Pipeline:
             tasks.create_task(self._run_task(task, admit))
 
     async def _room(self, admit: asyncio.Semaphore) -> None:
-        """A slot for one more task. Near the goal, no more tasks in flight than the
-        acceptance rate says the goal still needs (x1.5): what is in flight when the goal
-        is met is cancelled, and a gateway may bill it anyway."""
+        """A slot for one more task, and no more tasks in flight than the goal still needs
+        at the acceptance rate seen so far (x1.5): what is in flight when the goal is met
+        is cancelled, and a gateway may bill it anyway. The rate starts at 1/2 (Laplace's
+        rule: (accepted + 1) / (finished + 2)) and follows what the session sees."""
         await admit.acquire()
         progress = self.progress
         while True:
             finished = progress.finished - progress.finished_at_start
             accepted = progress.accepted - progress.accepted_at_start
-            if finished < 20 or not accepted:
-                return
             needed = max(self._goal - progress.accepted, 0)
-            if self._running < math.ceil(1.5 * needed * finished / accepted) + 1:
+            if self._running < math.ceil(1.5 * needed * (finished + 2) / (accepted + 1)):
                 return
             self._changed.clear()
             await self._changed.wait()
@@ -298,13 +299,15 @@ class Pipeline:
         except (RetriesExhausted, TaskParked) as exc:
             parked = self._park(task, exc)
         except BadRequestError as exc:
-            # One 400 may be the endpoint's (a gateway that lost its key store answers every
-            # call so): the task runs again, and only a second 400 is its own. Meanwhile the
-            # breaker stops the run if every call gets the same one.
-            if task.id in self._bad_requests:
+            # A 400 may be the endpoint's (a gateway that lost its key store answers every
+            # call so): the task runs again, and a 400 is its own only once other calls
+            # have succeeded in between. If every call gets the same 400, the breaker
+            # stops the run instead.
+            before = self._bad_requests.get(task.id)
+            if before is not None and self.progress.calls_sent > before:
                 self._fail(task, exc)
             else:
-                self._bad_requests.add(task.id)
+                self._bad_requests[task.id] = self.progress.calls_sent
                 parked = self._park(task, exc)
         except TaskFailed as exc:
             self._fail(task, exc)
