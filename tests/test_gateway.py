@@ -1,0 +1,237 @@
+"""A real LiteLLM proxy (servers/litellm) in front of the fake server, all on 127.0.0.1.
+
+Two parts: a GRA run through the gateway, and the facts of what the proxy sends back in the
+situations the client must handle (wrong key after a rotation, unknown model, upstream and
+gateway rate limits, upstream errors, outages, hangs, hang-ups). Each fact test prints its
+observation as JSON (see them with `-s`, or all at once with servers/litellm/observe.py) and
+pins the parts servers/litellm/README.md quotes, for the pinned LiteLLM version.
+
+Skipped when servers/litellm/setup.sh has not been run, unless GRA_REQUIRE_GATEWAY=1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gra_async.cli import main
+from gra_async.defaults import CRITERIA
+
+from .conftest import FAKE_MODELS, FakeServer, start_fake_server
+from .gateway import (
+    LiteLLMProxy,
+    Route,
+    chat,
+    observe_client_disconnect,
+    observe_default_retries,
+    observe_gateway_rate_limit,
+    observe_unknown_model,
+    observe_upstream_down,
+    observe_upstream_errors,
+    observe_upstream_hang,
+    observe_upstream_rate_limit,
+    observe_wrong_key,
+    proxy_in_front,
+    require_litellm,
+)
+
+pytestmark = [pytest.mark.gateway, pytest.mark.timeout(300)]
+
+UPSTREAM_KEY = "gra-upstream-secret"
+KEY_ENV = "GRA_TEST_GATEWAY_KEY"
+GEN, REV_B, REV_C, ADJ = FAKE_MODELS
+LIMITED = Route("lim-e", REV_B, rpm=2)  # the proxy's own limit (upstream has none)
+SLOW = Route("slow-f", GEN, timeout=2.0)  # the proxy gives up on the upstream after 2 s
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeServer]:
+    require_litellm()  # before starting anything
+    server = start_fake_server(api_key=UPSTREAM_KEY)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: FakeServer) -> Iterator[LiteLLMProxy]:
+    with proxy_in_front(upstream, upstream_api_key=UPSTREAM_KEY,
+                        models=[*FAKE_MODELS, LIMITED, SLOW]) as started:
+        yield started
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream: FakeServer) -> Iterator[None]:
+    upstream.restore()
+    yield
+
+
+def record(name: str, facts: dict[str, Any]) -> dict[str, Any]:
+    print(f"\n== {name}\n{json.dumps(facts, indent=2, default=str)}")
+    return facts
+
+
+def error_of(body: Any) -> dict[str, Any]:
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# A GRA run through the gateway -------------------------------------------------------------
+
+
+def review(score: int) -> str:
+    return json.dumps({"scores": dict.fromkeys(CRITERIA, score), "feedback": "fine"})
+
+
+def test_run_through_gateway(proxy: LiteLLMProxy, upstream: FakeServer, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream.restore(rules=[{"model": REV_B, "content": review(9)},
+                            {"model": REV_C, "content": review(8)}])
+    monkeypatch.setenv(KEY_ENV, proxy.master_key)
+    url = proxy.base_url
+    run_dir = tmp_path / "run"
+    code = main(["run", "--run-dir", str(run_dir), "--target", "3",
+                 "--endpoint", f"generator={GEN}@{url}",
+                 "--endpoint", f"reviewer={REV_B}@{url}",
+                 "--endpoint", f"reviewer={REV_C}@{url}",
+                 "--endpoint", f"adjudicator={ADJ}@{url}",
+                 "--api-key-env", KEY_ENV])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + "\n" + proxy.log_tail()
+    assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["accepted"] >= 3, got
+    seen = upstream.stats()["models"]
+    assert seen.get(GEN, 0) >= 3 and seen.get(REV_B, 0) >= 3 and seen.get(REV_C, 0) >= 3, seen
+
+
+# What the proxy sends (facts for the client's handling) -----------------------------------
+
+
+def test_plain_reply_headers(proxy: LiteLLMProxy) -> None:
+    facts = record("plain 200", chat(proxy).facts())
+    assert facts["status"] == 200
+    headers = facts["headers"]
+    assert headers["x-litellm-attempted-retries"] == "0"
+    assert headers["x-litellm-model-group"] == GEN
+    # Without an upstream rate limit there are no x-ratelimit-* headers at all.
+    assert not [h for h in headers if h.startswith("x-ratelimit-")], headers
+
+
+def test_unknown_model(proxy: LiteLLMProxy) -> None:
+    facts = record("unknown model", observe_unknown_model(proxy))["unknown_model"]
+    assert facts["status"] == 400
+    error = error_of(facts["body"])
+    assert error["type"] == "invalid_request_error" and error["code"] == "400"
+    assert "Invalid model name passed in model=no-such-model" in error["message"]
+
+
+def test_upstream_rate_limit(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
+    facts = record("upstream rate limit", observe_upstream_rate_limit(proxy, upstream))
+    ok, limited = facts["upstream_200"], facts["upstream_429"]
+    assert ok["status"] == 200 and limited["status"] == 429
+    assert facts["upstream_saw"] == {"200": 1, "429": 1}  # no retry of the 429
+    assert ok["headers"]["x-ratelimit-limit-requests"] == "1"
+    assert ok["headers"]["x-ratelimit-remaining-requests"] == "0"
+    assert "llm_provider-x-ratelimit-reset-requests" in ok["headers"]
+    # The upstream's Retry-After arrives only under the llm_provider- prefix.
+    assert "retry-after" not in limited["headers"]
+    assert int(limited["headers"]["llm_provider-retry-after"]) >= 1
+    assert "llm_provider-retry-after-ms" in limited["headers"]
+    error = error_of(limited["body"])
+    assert error["type"] == "throttling_error" and error["code"] == "429"
+    assert error["message"].startswith("litellm.RateLimitError: RateLimitError: OpenAIException")
+
+
+def test_gateway_rate_limit(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
+    facts = record("gateway rpm", observe_gateway_rate_limit(proxy, upstream, LIMITED.name))
+    statuses = facts["statuses"]
+    assert set(statuses) <= {200, 429} and 429 in statuses, statuses
+    assert facts["upstream_saw"].get("429") is None  # the proxy refused: upstream saw none
+    assert facts["upstream_saw"].get("200", 0) == statuses.count(200)
+    refused = facts["first_429"]
+    assert refused["headers"].get("llm_provider-retry-after") == "60"
+    error = error_of(refused["body"])
+    assert error["type"] == "throttling_error" and error["code"] == "429"
+    assert "No deployments available for selected model" in error["message"]
+
+
+def test_upstream_errors_pass_through_once(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
+    facts = record("upstream 5xx/429", observe_upstream_errors(proxy, upstream))
+    assert facts["statuses"] == facts["scripted"]
+    # Each sent upstream once (LiteLLM did not retry), and the call after six failures in a
+    # row still went upstream: a model with one deployment is never cooled down.
+    assert facts["next_call"] == 200
+    assert facts["upstream_chat_requests"] == len(facts["scripted"]) + 1
+    for status, reply in facts["replies"].items():
+        error = error_of(reply["body"])
+        assert error["code"] == status
+        assert error["type"] == ("throttling_error" if status == "429"
+                                 else "internal_server_error")
+        assert "x-litellm-attempted-retries" not in reply["headers"]  # only on a 200
+
+
+def test_litellm_retries_by_default(upstream: FakeServer, proxy: LiteLLMProxy) -> None:
+    """Why the config says num_retries: 0. Its own proxy: LiteLLM's defaults."""
+    facts = record("LiteLLM's default retries", observe_default_retries(upstream, UPSTREAM_KEY))
+    assert facts["500"]["upstream_chat_requests"] == 2  # retried: the client sees the 200
+    assert facts["500"]["client_status"] == 200
+    assert facts["500x3"]["upstream_chat_requests"] == 3  # 1 + 2 retries, then the 500
+    assert facts["500x3"]["client_status"] == 500
+    assert facts["429"]["upstream_chat_requests"] == 2  # waited Retry-After, then a 200
+    assert facts["429"]["client_status"] == 200
+    assert facts["429"]["headers"]["x-litellm-attempted-retries"] == "1"
+
+
+@pytest.mark.parametrize("mode", ["503", "reset", "refuse"])
+def test_upstream_down(proxy: LiteLLMProxy, upstream: FakeServer, mode: str) -> None:
+    facts = record(f"upstream down ({mode})", observe_upstream_down(proxy, upstream, mode))
+    first = facts["first"]
+    assert first["seconds"] < 5  # an answer at once, not a wait for the upstream timeout
+    assert facts["after_upstream_back"] == 200
+    error = error_of(first["body"])
+    if mode == "503":
+        assert first["status"] == 503 and error["code"] == "503"
+    else:  # no HTTP answer upstream: the proxy reports a 500 "Connection error."
+        assert first["status"] == 500 and error["code"] == "500"
+        assert "Connection error." in error["message"]
+
+
+def test_upstream_hang_times_out(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
+    facts = record("upstream hang", observe_upstream_hang(proxy, upstream, SLOW.name))
+    reply = facts["reply"]
+    assert reply["status"] == 408, reply
+    assert SLOW.timeout is not None and SLOW.timeout <= reply["seconds"] < SLOW.timeout + 5
+    assert facts["upstream_chat_requests"] == 1
+
+
+def test_client_disconnect(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
+    facts = record("client hangs up", observe_client_disconnect(proxy, upstream))
+    assert facts["client"]["status"] == 0  # our own timeout
+    # The proxy does not cancel its upstream call when the client goes away.
+    assert facts["upstream_in_flight_0.5s_after_hangup"] == 1
+    assert facts["upstream_call_ended_after_s"] >= facts["upstream_latency"] - 0.2
+    assert facts["upstream_chat_requests"] == 1
+
+
+def test_key_rotation(proxy: LiteLLMProxy) -> None:
+    """Last in the module: it restarts the proxy (with another master key)."""
+    port = proxy.port
+    facts = record("wrong key / rotation", observe_wrong_key(proxy))
+    assert proxy.port == port  # the same address, as a running client would see it
+    old = facts["old_key_after_rotation"]
+    assert old["status"] == 400
+    assert old["body"] == {"error": {"message": "No connected db.", "type": "no_db_connection",
+                                     "param": None, "code": "400"}}
+    assert facts["key_without_sk_prefix"]["body"] == old["body"]
+    assert facts["new_key"]["status"] == 200
+    # No Authorization header at all: LiteLLM 1.108.7 fails while building its 401 (it
+    # imports the absent `prisma` package) and answers a bare 500.
+    assert facts["no_authorization_header"]["status"] == 500
