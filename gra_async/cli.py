@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
 
+    prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
+    prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
+    prompts.add_argument("--force", action="store_true", help="overwrite templates already there")
+
     doctor = sub.add_parser("doctor", help="probe every endpoint: reachable, key, model, JSON output")
     doctor.add_argument("--config", type=Path)
     doctor.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL")
@@ -230,6 +234,25 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prompts(args: argparse.Namespace) -> int:
+    from gra_async.prompts import default_prompts_dir
+
+    source = default_prompts_dir()
+    names = sorted(p.name for p in source.glob("*.md"))
+    clash = [n for n in names if (args.out / n).exists()]
+    if clash and not args.force:
+        raise ConfigError(f"{args.out}: {', '.join(clash)} exist already (pass --force to overwrite)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (args.out / name).write_bytes((source / name).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{args.out}: cannot write the templates ({exc.strerror or exc})") from None
+    print(f"wrote {', '.join(names)} to {args.out}; edit them and set prompts_dir = \"{args.out}\" "
+          "in your config")
+    return EXIT_OK
+
+
 async def _doctor(args: argparse.Namespace) -> int:
     from gra_async.doctor import doctor
 
@@ -277,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "prompts":
+            return _prompts(args)
         return run_coroutine(_doctor(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -167,7 +167,7 @@ class RunConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
-    prompts_dir: Path | None = None  # None: the prompts/ folder shipped with gra-async
+    prompts_dir: Path | None = None  # None: the templates shipped in the package
 
     @model_validator(mode="after")
     def _roles_complete(self) -> RunConfig:

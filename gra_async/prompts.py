@@ -1,8 +1,10 @@
-"""Load the prompt templates in `prompts/` and render them into chat messages.
+"""Load the prompt templates and render them into chat messages.
 
 Template files
 --------------
-`prompts/generator.md`, `prompts/reviewer.md` and `prompts/adjudicator.md`. In each:
+`generator.md`, `reviewer.md` and `adjudicator.md` in one folder: the package's own
+(`gra_async/data/prompts/`; `gra-async prompts DIR` copies them out to edit) or the
+config's `prompts_dir`. In each:
 
 * an optional leading HTML comment (`<!-- ... -->`) is documentation and is dropped;
 * a line that is exactly `---user---` splits the file: above it the system message,
@@ -186,10 +188,10 @@ class PromptSet:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PromptSet:
-        """Read `generator.md`, `reviewer.md`, `adjudicator.md`; None: the bundled `prompts/`."""
+        """Read `generator.md`, `reviewer.md`, `adjudicator.md`; None: the bundled ones."""
         folder = default_prompts_dir() if directory is None else directory
         if not folder.is_dir():
-            hint = ("reinstall gra-async from a source checkout, or set prompts_dir"
+            hint = ("the installation is damaged: reinstall gra-async"
                     if directory is None else "check prompts_dir in the config")
             raise ConfigError(f"{folder}: prompts folder not found ({hint})")
         templates: dict[str, Template] = {}
@@ -199,7 +201,7 @@ class PromptSet:
                 text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise ConfigError(f"{path}: prompt template not found "
-                                  f"(copy it from the prompts/ folder of gra-async)") from None
+                                  "(`gra-async prompts DIR` writes all three to start from)") from None
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: cannot read prompt template ({exc})") from None
             templates[role] = Template.parse(text, str(path), allowed, required)
