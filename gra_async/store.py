@@ -597,8 +597,11 @@ def _diff_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str 
 def _open_journal(run_dir: Path, snapshot: Mapping[str, Any], *, force: bool) -> sqlite3.Connection:
     """The journal's connection, its stored config checked against (or set to) `snapshot`."""
     digest = config_hash(snapshot)
+    path = run_dir / "journal.sqlite"
     try:
-        conn = _connect(run_dir / "journal.sqlite", readonly=False)
+        if not path.exists():
+            _create_journal(path)
+        conn = _connect(path, readonly=False)
         conn.executescript(_SCHEMA)
         stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as exc:
@@ -631,6 +634,20 @@ def _open_journal(run_dir: Path, snapshot: Mapping[str, Any], *, force: bool) ->
         conn.close()
         raise
     return conn
+
+
+def _create_journal(path: Path) -> None:
+    """A new journal is built beside its place and renamed whole: a kill -9 at any moment
+    leaves either no journal or one with every table (never a file `status` cannot read)."""
+    fresh = path.with_name(path.name + ".new")
+    for leftover in (fresh, fresh.with_name(fresh.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    conn = sqlite3.connect(fresh)
+    try:
+        conn.executescript(_SCHEMA)
+    finally:
+        conn.close()
+    os.replace(fresh, path)
 
 
 class RunLock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def test_server_that_rejects_json_schema_is_reported(
     assert lines[1].startswith("ok") and "json_object output ok" in lines[1]
 
 
-def test_no_endpoint_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["doctor"]) == 2
-    assert "no endpoint configured" in capsys.readouterr().err
+@pytest.mark.slow
+def test_no_endpoint_checks_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `run` would use with no endpoint: the llama.cpp server, its model, a reply."""
+    from gra_async import local
+
+    missing = local.local_backend_missing()
+    if missing is not None:
+        if os.environ.get("GRA_REQUIRE_LOCAL"):
+            pytest.fail(f"GRA_REQUIRE_LOCAL is set but {missing} is not installed")
+        pytest.skip(f"{missing} is not installed")
+    code, lines = doctor(capsys)
+    assert code == 0, lines
+    assert lines[0].startswith("ok   embedded") and "model file" in lines[0]
+    assert lines[1].startswith("ok   embedded") and "json_object output ok" in lines[1]

@@ -74,6 +74,7 @@ def write_config(
     adjudicator: str,
     endpoint: Mapping[str, Any] | None = None,
     run: Mapping[str, Any] | None = None,
+    gate: Mapping[str, Any] | None = None,
 ) -> Path:
     """A gra.toml with `generators` as replicas of gen-a, rev-b and rev-c on `reviewers`,
     adj-d on `adjudicator`; `endpoint` settings apply to every endpoint."""
@@ -81,6 +82,8 @@ def write_config(
     lines: list[str] = []
     if run:
         lines += ["[run]", *(f"{key} = {toml_value(value)}" for key, value in run.items())]
+    if gate:
+        lines += ["[gate]", *(f"{key} = {toml_value(value)}" for key, value in gate.items())]
     members = [("generator", url, GEN) for url in generators]
     members += [("reviewer", reviewers, REV_B), ("reviewer", reviewers, REV_C),
                 ("adjudicator", adjudicator, ADJ)]
@@ -112,7 +115,9 @@ def run_with(
     config: Path, run_dir: Path, capsys: pytest.CaptureFixture[str], *extra: str
 ) -> RunResult:
     result = run_gra(["run", "--config", str(config), "--run-dir", str(run_dir), *extra], capsys)
-    assert result.code == 0, result.err
+    # 3: the plan ran out short of the target (most of these runs aim past their plan).
+    short = ("plan exhausted: ", "every task failed: ")
+    assert result.code == 0 or (result.code == 3 and any(s in result.err for s in short)), result.err
     assert "Traceback" not in result.err
     return result
 
@@ -169,7 +174,8 @@ def assert_books_balance(
     assert status["accepted"] == len(accepted) == states.get("accepted", 0)
     assert status["accepted"] + status["rejected"] + status["failed"] == len(rows)
     assert status["failed"] == states.get("failed", 0)
-    assert f"({status['accepted']} accepted)" in result.out
+    assert (f"({status['accepted']} accepted)" in result.out
+            or f": {status['accepted']} of " in result.err), (result.out, result.err)
     # Every finished task has a decision; a failed one says why.
     for row in rows:
         assert row["decision"] in TERMINAL_DECISIONS, row
@@ -182,7 +188,7 @@ def assert_books_balance(
     if planned is not None:
         assert len(rows) == planned, f"{planned} tasks planned, {len(rows)} finished"
         assert status["planned"] == 0
-        assert "plan exhausted" in result.err
+        assert "plan exhausted" in result.err or "every task failed" in result.err
     return books
 
 
@@ -329,7 +335,7 @@ def test_schema_breaking_replies(
     server.control(rules=rules, latency=0.0, jitter=0.0)
     config = write_config(tmp_path / "gra.toml", generators=[server.base_url],
                           reviewers=server.base_url, adjudicator=server.base_url,
-                          run={"max_tasks": 10})
+                          run={"max_tasks": 10}, gate={"min_reviews": 1})  # partial panels decide
     result = run_with(config, tmp_path / "run", capsys, "--target", "3", "--concurrency", "1")
     books = assert_books_balance(tmp_path / "run", result, capsys)
     rows = sorted(books.rows, key=lambda r: str(r["id"]))

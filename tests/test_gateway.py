@@ -1,10 +1,11 @@
 """A real LiteLLM proxy (servers/litellm) in front of the fake server, all on 127.0.0.1.
 
-Two parts: a GRA run through the gateway, and the facts of what the proxy sends back in the
+Three parts: a GRA run through the gateway; the facts of what the proxy sends back in the
 situations the client must handle (wrong key after a rotation, unknown model, upstream and
-gateway rate limits, upstream errors, outages, hangs, hang-ups). Each fact test prints its
-observation as JSON (see them with `-s`, or all at once with servers/litellm/observe.py) and
-pins the parts servers/litellm/README.md quotes, for the pinned LiteLLM version.
+gateway rate limits, upstream errors, outages, hangs, hang-ups), each printed as JSON (see
+them with `-s`, or all at once with servers/litellm/observe.py) and pinned where
+servers/litellm/README.md quotes them, for the pinned LiteLLM version; and GRA runs through
+those situations (a key rotated mid-run, an upstream outage, the proxy's own rpm limit).
 
 Skipped when servers/litellm/setup.sh has not been run, unless GRA_REQUIRE_GATEWAY=1.
 """
@@ -12,7 +13,9 @@ Skipped when servers/litellm/setup.sh has not been run, unless GRA_REQUIRE_GATEW
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,8 @@ KEY_ENV = "GRA_TEST_GATEWAY_KEY"
 GEN, REV_B, REV_C, ADJ = FAKE_MODELS
 LIMITED = Route("lim-e", REV_B, rpm=2)  # the proxy's own limit (upstream has none)
 SLOW = Route("slow-f", GEN, timeout=2.0)  # the proxy gives up on the upstream after 2 s
+# For a run: the proxy admits 2 calls a calendar minute (rpm N admits N-1), upstream rev-c.
+RUN_LIMITED = Route("lim-g", REV_C, rpm=3)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def upstream() -> Iterator[FakeServer]:
 @pytest.fixture(scope="module")
 def proxy(upstream: FakeServer) -> Iterator[LiteLLMProxy]:
     with proxy_in_front(upstream, upstream_api_key=UPSTREAM_KEY,
-                        models=[*FAKE_MODELS, LIMITED, SLOW]) as started:
+                        models=[*FAKE_MODELS, LIMITED, SLOW, RUN_LIMITED]) as started:
         yield started
 
 
@@ -222,7 +227,8 @@ def test_client_disconnect(proxy: LiteLLMProxy, upstream: FakeServer) -> None:
 
 
 def test_key_rotation(proxy: LiteLLMProxy) -> None:
-    """Last in the module: it restarts the proxy (with another master key)."""
+    """It restarts the proxy with another master key: the tests after it take the key
+    from `proxy.master_key`."""
     port = proxy.port
     facts = record("wrong key / rotation", observe_wrong_key(proxy))
     assert proxy.port == port  # the same address, as a running client would see it
@@ -235,3 +241,145 @@ def test_key_rotation(proxy: LiteLLMProxy) -> None:
     # No Authorization header at all: LiteLLM 1.108.7 fails while building its 401 (it
     # imports the absent `prisma` package) and answers a bare 500.
     assert facts["no_authorization_header"]["status"] == 500
+
+
+# GRA runs through what the gateway does -----------------------------------------------------
+
+
+def good_reviews(upstream: FakeServer, **knobs: Any) -> None:
+    """Both reviewers agree on a high score: every generated sample is accepted."""
+    upstream.control(rules=[{"model": REV_B, "content": review(9)},
+                            {"model": REV_C, "content": review(8)}], **knobs)
+
+
+def run_args(proxy: LiteLLMProxy, run_dir: Path, target: int, *,
+             reviewer_c: str = REV_C) -> list[str]:
+    url = proxy.base_url
+    return ["run", "--run-dir", str(run_dir), "--target", str(target),
+            "--endpoint", f"generator={GEN}@{url}",
+            "--endpoint", f"reviewer={REV_B}@{url}",
+            "--endpoint", f"reviewer={reviewer_c}@{url}",
+            "--endpoint", f"adjudicator={ADJ}@{url}",
+            "--api-key-env", KEY_ENV]
+
+
+def status_of(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0
+    got: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return got
+
+
+def exported(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    out = run_dir / "out.jsonl"
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def when_upstream_saw(upstream: FakeServer, calls: int, action: Callable[[], None],
+                      timeout: float = 60.0) -> threading.Thread:
+    """A thread that runs `action` once the upstream has seen `calls` chat requests (the
+    run itself stays in the main thread: the CLI installs signal handlers)."""
+    def wait_then_act() -> None:
+        deadline = time.monotonic() + timeout
+        while upstream.stats()["chat_requests"] < calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_run_across_a_key_rotation(proxy: LiteLLMProxy, upstream: FakeServer, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master key is rotated under a running client: the proxy is down while it restarts
+    (connections refused), then answers the old key `400 No connected db.` to every call.
+    The run stops with exit 2 and says so on one line, fails no task, and the same command
+    with the new key finishes the run."""
+    good_reviews(upstream, latency=0.3)
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(KEY_ENV, proxy.master_key)
+    new_key = f"sk-gra-rotated-{time.time_ns()}"
+    args = run_args(proxy, run_dir, target=10)
+    # A sample takes two rounds of 0.3 s calls (generation, then reviews): the proxy is
+    # stopped long before the first sample can be accepted.
+    rotation = when_upstream_saw(upstream, 2, lambda: proxy.restart(master_key=new_key))
+    try:
+        code = main(args)
+    finally:
+        rotation.join(timeout=120)
+    err = capsys.readouterr().err
+    assert proxy.master_key == new_key and proxy.process is not None  # rotated, and up
+    assert code == 2, err + "\n" + proxy.log_tail()
+    quoting = [line for line in err.splitlines() if "No connected db." in line]
+    assert len(quoting) == 1, err
+    assert quoting[0].startswith("error: every endpoint serving ") and \
+        "refuses every call" in quoting[0], err
+    assert "Traceback" not in err
+    got = status_of(run_dir, capsys)
+    assert got["failed"] == 0 and got["failures"] == {}, got
+    assert not got["reached_target"]
+
+    monkeypatch.setenv(KEY_ENV, new_key)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    got = status_of(run_dir, capsys)
+    assert got["reached_target"] and got["accepted"] == 10 and got["failed"] == 0, got
+
+
+def test_run_across_an_upstream_outage(proxy: LiteLLMProxy, upstream: FakeServer,
+                                       tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream refuses connections for 8 s mid-run; the proxy answers every call
+    meanwhile with `500 Connection error.` at once. The run waits it out: target reached,
+    no task failed, and no sample lost a review to the outage."""
+    good_reviews(upstream, latency=0.1)
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(KEY_ENV, proxy.master_key)
+    outage = when_upstream_saw(upstream, 8, lambda: upstream.control(
+        down=True, down_mode="refuse", down_for=8.0))
+    started = time.monotonic()
+    try:
+        code = main(run_args(proxy, run_dir, target=8))
+    finally:
+        outage.join(timeout=60)
+    seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 0, err + "\n" + proxy.log_tail()
+    assert seconds >= 8  # the outage did happen mid-run
+    got = status_of(run_dir, capsys)
+    assert got["reached_target"] and got["failed"] == 0, got
+    samples = exported(run_dir, capsys)
+    assert len(samples) == 8
+    for sample in samples:
+        assert [r["model"] for r in sample["reviews"]] == [REV_B, REV_C], sample
+        assert not sample.get("failed_reviews"), sample
+
+
+def test_run_against_the_gateways_rpm(proxy: LiteLLMProxy, upstream: FakeServer,
+                                      tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One reviewer is a model the proxy itself limits to 2 calls a calendar minute; the run
+    needs 3 of its calls. The proxy's 429 carries `llm_provider-retry-after: 60` and
+    nothing else: the run must wait into the next minute instead of failing tasks."""
+    good_reviews(upstream, latency=0.05)
+    monkeypatch.setenv(KEY_ENV, proxy.master_key)
+    # Start early in a UTC minute (the proxy's count resets on the minute): the 429s then
+    # come with most of the minute left, longer than a client retrying on its own backoff
+    # (~30 s) keeps trying, so only one that honours the gateway's Retry-After gets through.
+    second = time.time() % 60
+    if second > 20:
+        print("aligning", 60.5 - second, file=__import__("sys").__stderr__); time.sleep(60.5 - second)
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic(); code = main(run_args(proxy, run_dir, target=3, reviewer_c=RUN_LIMITED.name)); print("run took", time.monotonic() - t0, file=__import__("sys").__stderr__)
+    err = capsys.readouterr().err
+    assert code == 0, err + "\n" + proxy.log_tail()
+    got = status_of(run_dir, capsys)
+    assert got["reached_target"] and got["accepted"] == 3 and got["failed"] == 0, got
+    seen = upstream.stats()
+    assert seen["status"].get("429") is None  # the proxy refused them, not the upstream
+    assert seen["models"].get(REV_C, 0) >= 3

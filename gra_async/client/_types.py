@@ -54,6 +54,6 @@ class EndpointStats:
     healthy: bool  # False while the circuit breaker is open
     health: str = "ok"  # ok | open (failing transiently: probed) | refusing (the same 4xx)
     timeouts: int = 0  # attempts that got no complete reply within read_timeout
-    last_error: str = ""  # what opened the breaker, while it is open
+    last_error: str = ""  # the latest failure since the last success
     abandoned: int = 0  # calls cancelled while in flight (target reached, stop)
     abandoned_tokens: int = 0  # their estimated tokens: prompt plus the whole completion budget

@@ -110,6 +110,7 @@ class Endpoint:
         self.open_error: EndpointError | None = None  # the error that opened the breaker
         self.next_probe = 0.0
         self._timed_out = 0
+        self._last_error = ""  # the latest failure, until a success
         self._abandoned = self._abandoned_tokens = 0
         self._timeout_warned = False
         # Counters behind `stats()`.
@@ -272,6 +273,7 @@ class Endpoint:
         self._succeeded += 1
         self.consecutive_failures = self._same_errors = 0
         self._last_signature = None
+        self._last_error = ""
         if self.open_error is not None:
             log.warning("%s answers again", self.label)
             self.open_error = None
@@ -296,6 +298,7 @@ class Endpoint:
                 self._timeout_warned = True
                 log.warning("calls to %s time out after %g s: raise its read_timeout",
                             self.label, self.config.read_timeout)
+        self._last_error = str(error)
         signature = _signature(error)
         self._same_errors = self._same_errors + 1 if signature == self._last_signature else 1
         self._last_signature = signature
@@ -334,7 +337,7 @@ class Endpoint:
             timeouts=self._timed_out,
             abandoned=self._abandoned,
             abandoned_tokens=self._abandoned_tokens,
-            last_error=str(self.open_error) if self.open_error is not None else "",
+            last_error=self._last_error,
         )
 
 
