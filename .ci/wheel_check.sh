@@ -191,9 +191,11 @@ server() {
   rules=$(in_venv python -c 'import json
 from gra_async import defaults
 review = json.dumps({"scores": dict.fromkeys(defaults.CRITERIA, 9), "feedback": "fine"})
-print(json.dumps([{"model": model, "content": review} for model in ("rev-b", "rev-c")]))')
+print(json.dumps([{"model": model, "content": review}
+                  for model in ("rev-b", "rev-c", "llama-3.1-8b-instruct", "granite-3.3-8b-instruct")]))')
   (cd "$work" && exec env -u PYTHONPATH -u PYTHONHOME "$venv/bin/python" \
-    -m gra_async.testing.fake_server --port 0 --models gen-a,rev-b,rev-c,adj-d --rules "$rules" \
+    -m gra_async.testing.fake_server --port 0 --rules "$rules" \
+    --models gen-a,rev-b,rev-c,adj-d,qwen2.5-7b-instruct,llama-3.1-8b-instruct,granite-3.3-8b-instruct \
     </dev/null >"$tmp/fake.out" 2>"$tmp/fake.err") &
   pid=$!
   echo "$pid" >"$tmp/fake.pid"
@@ -226,8 +228,22 @@ EOF
   echo "exported $lines samples"
 }
 
-# --- (b) api: the Python API of the README.
+# --- (b) api: the README's "From Python" example, as written (its GATEWAY URL pointed at
+#     the fake server), then the API contract of DESIGN.md §10 on its own.
 api() {
+  in_venv python - "$repo/README.md" "$url" <<'EOF'
+import re, sys
+
+readme = open(sys.argv[1], encoding="utf-8").read()
+section = readme[readme.index("## From Python"):]
+block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+written = 'GATEWAY = "http://127.0.0.1:4000/v1"'
+assert written in block, "the README example no longer names its GATEWAY URL"
+namespace: dict = {}
+exec(compile(block.replace(written, f'GATEWAY = "{sys.argv[2]}"'), "README.md", "exec"), namespace)
+assert namespace["summary"].reached_target, namespace["summary"]
+print("README example:", namespace["summary"].explain())
+EOF
   in_venv python - "$url" <<'EOF'
 import sys
 
