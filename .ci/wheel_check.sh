@@ -229,7 +229,7 @@ EOF
 }
 
 # --- (b) api: the README's "From Python" example, as written (its GATEWAY URL pointed at
-#     the fake server), then the API contract of DESIGN.md §10 on its own.
+#     the fake server), then the API contract on its own.
 api() {
   in_venv python - "$repo/README.md" "$url" <<'EOF'
 import re, sys

@@ -1,7 +1,7 @@
 """`gra-async run | status | export | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
-process is decided here alone (`_exit_code`), DESIGN.md §6: 0 target reached, 2 user
+process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
 error (one line on stderr, no traceback), 3 stopped before the target (resumable),
 75 stalled (resumable), 130 interrupted (resumable), 1 bug.
 """

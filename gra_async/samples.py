@@ -1,6 +1,6 @@
 """The samples of a run as typed records: what `export` writes and `read_samples` yields.
 
-These are the file formats' models (pydantic): the export's fields of DESIGN.md §6, in
+These are the file formats' models (pydantic): the export's fields as the README lists them, in
 that order, then the provenance a run adds (`round`, `failed_reviews`, `duplicate_of`,
 `reason`). Unknown keys in a journal written by a later version are ignored.
 """

@@ -3,7 +3,7 @@
 Parsing is lenient about form and strict about content: a JSON object wrapped in
 chat or code fences is found, capitalised keys and numeric strings are accepted,
 but a missing or out-of-range score is an `InvalidReply`, never a made-up score
-(DESIGN.md §4: an invalid reply is retried, then recorded as a failed review).
+(an invalid reply is retried, then recorded as a failed review).
 
 Score coercion (documented choice): integers pass; floats and numeric strings
 ("8", "8.0", "8/10") are rounded to the nearest integer, halves up (7.5 -> 8);
@@ -262,7 +262,7 @@ def verdict_schema(max_tokens: int | None = None) -> dict[str, Any]:
 def response_format(
     schema_name: str, schema: dict[str, Any], mode: Literal["json_schema", "json_object", "none"]
 ) -> dict[str, Any] | None:
-    """The `response_format` request field in the form the endpoint takes (DESIGN.md §8).
+    """The `response_format` request field in the form the endpoint takes (README: the embedded default).
 
     vLLM and OpenAI take `json_schema`; llama.cpp's server rejects it with HTTP 500 but
     constrains `{"type": "json_object", "schema": ...}`; "none" sends nothing.

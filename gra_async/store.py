@@ -408,7 +408,7 @@ class Journal:
         self._put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
 
     def forget_sample(self, task_id: str) -> None:
-        """A cancelled task goes back to `planned` (DESIGN.md §6: in_progress is 0 after exit)."""
+        """A cancelled task goes back to `planned` (in_progress is 0 after every exit)."""
         self._put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
 
     def commit_fingerprint(self, task_id: str) -> None:

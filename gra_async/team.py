@@ -1,4 +1,4 @@
-"""The models of a run and who plays which role for each task (DESIGN.md §1 "Roles").
+"""The models of a run and who plays which role for each task (README: How a sample is made, Roles).
 
 `fixed`: the endpoints' configured roles; the panel is the distinct reviewer models.
 `rotate` (the paper's): every configured model is one pool; per task the generator is
@@ -78,7 +78,7 @@ def _distinct(configs: list[EndpointConfig]) -> list[EndpointConfig]:
 async def build_team(
     config: RunConfig, transport: Transport, *, policy: RetryPolicy | None = None
 ) -> Team:
-    """Make endpoints, probe each once (DESIGN.md §6), and group them into role pools.
+    """Make endpoints, probe each once (as doctor does), and group them into role pools.
 
     Raises `EndpointError` (exit 2) naming the first endpoint that is unreachable,
     refuses the key or does not serve its model.

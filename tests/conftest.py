@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,13 @@ def fake_server_factory() -> Iterator[Callable[..., FakeServer]]:
     finally:
         for server in started:
             server.close()
+
+
+def status_json(run_dir: Path) -> dict[str, Any]:
+    """`status --run-dir DIR --json` as a user runs it: a separate process, its JSON parsed."""
+    done = subprocess.run([sys.executable, "-m", "gra_async", "status", "--run-dir", str(run_dir),
+                           "--json"], capture_output=True, text=True, check=True)
+    return dict(json.loads(done.stdout))
 
 
 # Real disks that fail -----------------------------------------------------------------

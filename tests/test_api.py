@@ -16,7 +16,7 @@ import gra_async
 from gra_async.cli import main
 from gra_async.defaults import CRITERIA
 
-from .conftest import FakeServer
+from .conftest import FakeServer, status_json
 
 GEN, REV_B, REV_C, ADJ = "gen-a", "rev-b", "rev-c", "adj-d"
 
@@ -285,11 +285,6 @@ class TestLoadConfig:
         with pytest.raises(gra_async.ConfigError, match=r"^overrides: run\.targett: unknown key"):
             gra_async.load_config(None, environ={}, run={"targett": 3})
 
-
-def status_json(run_dir: Path) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "gra_async", "status", "--run-dir", str(run_dir),
-                           "--json"], capture_output=True, text=True, check=True)
-    return dict(json.loads(done.stdout))
 
 
 class TestExitCodes:

@@ -51,6 +51,10 @@ def test_embedded_default_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
         assert row["generator"] == "smollm2-135m" and row["instruction"] and row["response"]
         assert row["reviews"] and set(row["reviews"][0]["scores"]) == set(CRITERIA)
     assert (tmp_path / "local-0.log").exists()  # the servers' logs sit in the run directory
+    # The recorded config is the one that decided: the demo's lowered bar, its model.
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["gate"]["accept_mean"] == 3.0
+    assert recorded["endpoints"]["generator"] == ["smollm2-135m:json_object"]
 
 
 def test_three_real_roles_every_reply_parsed(

@@ -5,8 +5,6 @@ fake server on 127.0.0.1 (the same findings through a real LiteLLM proxy: test_g
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from gra_async.client.retry import retry_after
 from gra_async.config import EndpointConfig
 from gra_async.defaults import CRITERIA
 
-from .conftest import FakeServer
+from .conftest import FakeServer, status_json
 
 GEN, REV_B, REV_C, ADJ = "gen-a", "rev-b", "rev-c", "adj-d"
 
@@ -45,11 +43,6 @@ def config(run_dir: Path, gen_url: str, rev_b_url: str, rev_c_url: str | None = 
                          {"base_url": rev_c_url or rev_b_url, "model": REV_C, **extra}],
         }})
 
-
-def status_json(run_dir: Path) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "gra_async", "status", "--run-dir", str(run_dir),
-                           "--json"], capture_output=True, text=True, check=True)
-    return dict(json.loads(done.stdout))
 
 
 class TestRepeated400:
@@ -158,6 +151,8 @@ class TestTimeouts:
         assert f"calls to {GEN}@{url} time out after 1 s: raise its read_timeout" in err
         assert "timeouts" in next(line for line in err.splitlines() if "stalled" in line)
         assert time.monotonic() - started < 60  # not the 300 s default nor connect + read
+        endpoints = {e["endpoint"]: e for e in status_json(tmp_path / "run")["endpoints"]}
+        assert endpoints[f"{GEN}@{url}"]["timeouts"] >= 3
 
 
 class TestGatewayHeaders:

@@ -1,4 +1,4 @@
-"""One task's life and the run that drives thousands of them (DESIGN.md §1, §2).
+"""One task's life and the run that drives thousands of them (docs/architecture.md).
 
     _scheduler   rounds, admission, the cancel scope, what a decision does to the run
     _steps       the GRA steps of one task: generate -> copy check -> filters -> reviews

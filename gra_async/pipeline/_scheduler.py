@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 
+import orjson
+
 from gra_async import defaults
 from gra_async._concurrency import first_error, thread_until_done
 from gra_async.accounting import failure_kind
@@ -167,6 +169,17 @@ class Pipeline:
         with contextlib.suppress(GraError):  # a journal that failed says so on close
             self.journal.set_meta("abandoned_calls", str(calls))
             self.journal.set_meta("abandoned_tokens", str(tokens))
+        self._record_endpoints()
+
+    def _record_endpoints(self) -> None:
+        """This session's endpoint statistics, for `status` (which reads only the journal)."""
+        rows = [{"endpoint": s.label, "health": s.health, "in_flight": s.in_flight,
+                 "succeeded": s.succeeded, "failed": s.failed, "retries": s.retries,
+                 "rate_limited": s.rate_limited, "timeouts": s.timeouts,
+                 "latency_mean": round(s.latency_mean, 4), "last_error": s.last_error}
+                for pool in self.team.stats_pools() for s in pool.stats()]
+        with contextlib.suppress(GraError):
+            self.journal.set_meta("endpoints", orjson.dumps(rows).decode())
 
     async def _fill_index(self) -> None:
         await thread_until_done(self._fill_dedup)
@@ -242,6 +255,7 @@ class Pipeline:
         stall = self._stall_timeout
         while True:
             await asyncio.sleep(min(stall / 10, 5.0))
+            self._record_endpoints()
             idle = time.monotonic() - self.progress.last_activity
             if self._running and idle > stall:
                 states = "; ".join(
