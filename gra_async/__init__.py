@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from gra_async.config import (
     EndpointConfig,
@@ -45,10 +47,23 @@ from gra_async.errors import (
     UsageError,
     UserError,
 )
-from gra_async.pipeline import Draft
-from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
-from gra_async.scoring import Decision, Panel, ScoredReview
-from gra_async.synthesizer import RunSummary, StopReason, Synthesizer, TokenUsage, run
+
+if TYPE_CHECKING:
+    from gra_async.pipeline import Draft
+    from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
+    from gra_async.scoring import Decision, Panel, ScoredReview
+    from gra_async.synthesizer import RunSummary, StopReason, Synthesizer, TokenUsage, run
+
+# Loaded on first use: the pipeline pulls in numpy, datasketch and scipy (~0.5 s), which
+# `gra-async status` and a script that only reads samples never need.
+_LAZY = {
+    "Draft": "gra_async.pipeline",
+    **dict.fromkeys(("Adjudication", "FailedReview", "Review", "Sample", "read_samples"),
+                    "gra_async.samples"),
+    **dict.fromkeys(("Decision", "Panel", "ScoredReview"), "gra_async.scoring"),
+    **dict.fromkeys(("RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"),
+                    "gra_async.synthesizer"),
+}
 
 __version__ = "0.1.0"
 
@@ -98,6 +113,21 @@ __all__ = [
     "read_samples",
     "run",
 ]
+
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gra_async' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 # A library logs and never prints: the application (our CLI, or yours) decides where to.
 logging.getLogger("gra_async").addHandler(logging.NullHandler())

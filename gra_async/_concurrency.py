@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["first_error", "thread_until_done"]
+__all__ = ["first_error", "run_coroutine", "thread_until_done"]
+
+T = TypeVar("T")
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -41,3 +44,13 @@ async def thread_until_done(work: Callable[[threading.Event], None]) -> None:
             except asyncio.CancelledError:
                 continue
         raise
+
+
+def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on a new event loop, uvloop's when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: T = uvloop.run(coro)
+    return result

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gra_async import defaults
-from gra_async._concurrency import first_error
+from gra_async._concurrency import first_error, run_coroutine
 from gra_async.config import RunConfig, load_config, parse_endpoint_flag
 from gra_async.errors import (
     ConfigError,
@@ -289,8 +289,6 @@ def _console_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gra_async.synthesizer import run_coroutine
-
     try:
         _console_logging()
         args = _parser().parse_args(argv)

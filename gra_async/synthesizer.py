@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from gra_async._concurrency import run_coroutine
 from gra_async.client import EndpointStats
 from gra_async.config import RunConfig
 from gra_async.errors import UsageError
@@ -25,8 +26,6 @@ from gra_async.runner import Run, open_run
 from gra_async.store import JournalReader
 
 __all__ = ["RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"]
-
-T = TypeVar("T")
 
 # target: the target was reached. plan_exhausted: every planned task finished short of it.
 # all_failed: every task this session ran failed. stopped: stop() or a signal ended it early.
@@ -245,13 +244,3 @@ def run(config: RunConfig | Mapping[str, Any], **kwargs: Any) -> RunSummary:
         raise UsageError("gra_async.run() cannot block inside a running event loop (Jupyter, "
                          "async code); use `summary = await gra_async.Synthesizer(config).run()`")
     return run_coroutine(Synthesizer(config, **kwargs).run())
-
-
-def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` on a new event loop, uvloop's when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    result: T = uvloop.run(coro)
-    return result
