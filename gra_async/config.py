@@ -47,7 +47,9 @@ class EndpointConfig(_Strict):
     base_url: str
     model: str | None = None  # None: the first model the server lists
     api_key_env: str | None = None  # the *name* of the variable; keys never live in config
-    max_concurrency: int = Field(defaults.ENDPOINT_CONCURRENCY, ge=1)
+    # Calls in flight to this endpoint at most; None: no cap of its own, only the run's
+    # `concurrency` (what `--concurrency N` says is what a flag-given endpoint gets).
+    max_concurrency: int | None = Field(None, ge=1)
     rpm: int = Field(0, ge=0)  # 0: unlimited
     tpm: int = Field(0, ge=0)
     weight: float = Field(1.0, gt=0)

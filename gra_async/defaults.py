@@ -26,7 +26,6 @@ MAX_RETRIES = 6
 BACKOFF_BASE = 0.5  # seconds; full jitter over base * 2**attempt
 BACKOFF_MAX = 30.0
 RETRY_AFTER_CAP = 120.0  # a server may not park a call for longer than this
-ENDPOINT_CONCURRENCY = 64
 COOLDOWN_AFTER_FAILURES = 5  # consecutive failures (or the same 4xx) that open the breaker
 # Seconds between probe calls while the breaker is open. Fixed, not doubling: behind one
 # gateway every endpoint fails at once, and a doubled cooldown kept a recovered gateway

@@ -61,7 +61,23 @@ class Team:
     def capacity(self) -> int:
         """Calls all endpoints together take at once: more tasks in flight would only queue."""
         endpoints = {id(e): e for p in self.pools.values() for e in p.endpoints}
-        return sum(e.config.max_concurrency for e in endpoints.values())
+        return sum(e.cap for e in endpoints.values())
+
+    def binding_caps(self, concurrency: int) -> list[str]:
+        """Each role whose endpoints' own caps add up to less than the run's concurrency:
+        the limit that binds below what the user asked for, and where to raise it."""
+        notes, seen = [], set()
+        for role, pool in self.pools.items():
+            if id(pool) in seen:  # rotate: one pool serves every role
+                continue
+            seen.add(id(pool))
+            caps = [e.config.max_concurrency for e in pool.endpoints]
+            if all(caps) and (total := sum(c for c in caps if c)) < concurrency:
+                notes.append(f"{role} endpoints take at most {total} calls at once "
+                             f"(their max_concurrency), below the run's concurrency of "
+                             f"{concurrency}: raise max_concurrency in [[endpoints.{role}]] "
+                             "to use it")
+        return notes
 
     def stats_pools(self) -> list[EndpointPool]:
         """Each distinct pool once (rotate shares one)."""
@@ -91,7 +107,7 @@ async def build_team(
     def endpoint(cfg: EndpointConfig) -> Endpoint:
         key = (cfg.base_url, cfg.model)
         if key not in cache:
-            cache[key] = Endpoint(cfg, transport)
+            cache[key] = Endpoint(cfg, transport, uncapped=config.run.concurrency)
         return cache[key]
 
     if config.run.roles == "rotate":

@@ -264,6 +264,38 @@ def _settles(condition: Any, seconds: float = 10.0) -> bool:
     return False
 
 
+class TestNoSilentCaps:
+    def test_concurrency_flag_is_what_flag_given_endpoints_get(
+        self, fake_server: FakeServer, tmp_path: Path,
+    ) -> None:
+        url = fake_server.base_url
+        cfg = gra_async.load_config(None, environ={}, run={"run_dir": str(tmp_path),
+                                                           "concurrency": 500},
+                                    endpoints={"generator": [{"base_url": url, "model": GEN}]})
+
+        async def windows() -> list[float]:
+            async with gra_async.Synthesizer(cfg) as synth:
+                return [s.window for s in synth.endpoint_stats()]
+
+        assert asyncio.run(windows()) == [500.0]
+
+    def test_a_cap_below_the_concurrency_is_announced_once(
+        self, fake_server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        url = fake_server.base_url
+        cfg = gra_async.RunConfig.model_validate({
+            "run": {"run_dir": str(tmp_path), "concurrency": 100, "target": 1},
+            "endpoints": {"generator": [{"base_url": url, "model": GEN, "max_concurrency": 8}],
+                          "reviewer": [{"base_url": url, "model": REV_B}]}})
+        scores(fake_server, 9, 9)
+        with caplog.at_level("WARNING", logger="gra_async"):
+            gra_async.run(cfg)
+        notes = [r.getMessage() for r in caplog.records if "max_concurrency" in r.getMessage()]
+        assert notes == ["generator endpoints take at most 8 calls at once (their "
+                         "max_concurrency), below the run's concurrency of 100: raise "
+                         "max_concurrency in [[endpoints.generator]] to use it"]
+
+
 class TestLoadConfig:
     def test_file_then_environment_then_overrides(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -41,7 +41,7 @@ def test_loads_file(tmp_path: Path) -> None:
     assert config.gate.accept_mean == 8.0
     (gen,) = config.endpoints["generator"]
     assert gen.base_url == "http://127.0.0.1:8001/v1"  # trailing slash dropped
-    assert gen.rpm == 600 and gen.max_concurrency == 64
+    assert gen.rpm == 600 and gen.max_concurrency is None  # no cap but the run's
 
 
 def test_environment_then_flags_override(tmp_path: Path) -> None:

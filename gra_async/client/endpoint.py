@@ -19,6 +19,7 @@ from typing import Any, Literal
 import orjson
 from aiolimiter import AsyncLimiter
 
+from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client.retry import error_for_status, parse_duration
@@ -83,8 +84,11 @@ class Endpoint:
         model: str | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
+        uncapped: int = defaults.RUN_CONCURRENCY,
     ) -> None:
         self.config = config
+        # The most calls in flight here: the endpoint's own cap, else the run's concurrency.
+        self.cap = config.max_concurrency or uncapped
         self.model = model or config.model or ""
         self._transport = transport
         self._clock = clock
@@ -99,7 +103,7 @@ class Endpoint:
         self._tpm = _per_second(config.tpm, _TPM_BUCKET) if config.tpm else None
         self._token_debt = 0  # estimate error carried into the next TPM acquisition
         # Adaptive concurrency (AIMD): starts at the configured cap, halves on 429.
-        self.window = float(config.max_concurrency)
+        self.window = float(self.cap)
         self._last_cut = -_CUT_INTERVAL
         self.hold_until = 0.0  # no new admissions before this (rate-limit headers said so)
         # Health (the circuit breaker): open after `cooldown_after` consecutive transient
@@ -277,8 +281,8 @@ class Endpoint:
         if self.open_error is not None:
             log.warning("%s answers again", self.label)
             self.open_error = None
-        if self.window < self.config.max_concurrency:
-            self.window = min(float(self.config.max_concurrency), self.window + 1.0 / self.window)
+        if self.window < self.cap:
+            self.window = min(float(self.cap), self.window + 1.0 / self.window)
 
     def failed(self, error: Exception) -> None:
         self._failed += 1
