@@ -279,7 +279,7 @@ class Endpoint:
         self._last_signature = None
         self._last_error = ""
         if self.open_error is not None:
-            log.warning("%s answers again", self.label)
+            log.info("%s answers again", self.label)
             self.open_error = None
         if self.window < self.cap:
             self.window = min(float(self.cap), self.window + 1.0 / self.window)
@@ -311,8 +311,9 @@ class Endpoint:
         threshold = self.config.cooldown_after
         if self.open_error is None and (self.consecutive_failures >= threshold
                                         or self._same_errors >= threshold):
-            log.warning("%s: %d calls in a row failed (%s); one probe call every %g s until "
-                        "it answers", self.label, threshold, error, self.config.cooldown)
+            # INFO: the display shows the state; a run that stops for it says why in one line.
+            log.info("%s: %d calls in a row failed (%s); one probe call every %g s until it "
+                     "answers", self.label, threshold, error, self.config.cooldown)
             self.open_error = error
             self.next_probe = self._clock() + self.config.cooldown
         elif self.open_error is not None:

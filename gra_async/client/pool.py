@@ -107,8 +107,8 @@ class EndpointPool:
                 assert error is not None
                 self._refused[key] = EndpointsRefusing(
                     f"every endpoint serving {key or 'this role'} refuses every call: {error} "
-                    "(a gateway answers a rotated key or a removed model like this: check the "
-                    "key, the model name and the gateway)",
+                    "(the same answer to every call: fix what it names, or check the key, the "
+                    "model name and any gateway in between)",
                     endpoint=failed.label, status=error.status, message=error.message,
                     request_id=error.request_id)
                 for future in self._waiters.get(key, ()):
