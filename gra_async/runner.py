@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gra_async.client import AiohttpTransport, EndpointStats
+from gra_async.client import AiohttpTransport, EndpointStats, Transport
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator, layout
 from gra_async.pipeline import Filter, Gate, Pipeline, plan_size
@@ -139,22 +139,24 @@ class Run:
 @contextlib.asynccontextmanager
 async def open_run(
     config: RunConfig, *, force: bool = False, filters: Sequence[Filter] = (),
-    gate: Gate | None = None, retry_failed: bool = False,
+    gate: Gate | None = None, retry_failed: bool = False, transport: Transport | None = None,
 ) -> AsyncIterator[Run]:
     """Everything a run needs, validated before any task starts (bad input fails here).
 
     The run directory is locked first: the seed store is built there. The endpoints are
     probed before the journal is opened: a start that fails on a wrong model name must
     not record that config as the run directory's own. The config recorded is the one
-    that decides results: with the embedded default, its model and its gate.
+    that decides results: with the embedded default, its model and its gate. `transport`
+    replaces the HTTP stack (tests, another client library); it is not closed here.
     """
     prompts = PromptSet.load(config.prompts_dir)
     run_dir = config.run.run_dir
     async with contextlib.AsyncExitStack() as stack:
         lock = RunLock(run_dir)
         stack.callback(lock.release)
-        transport = AiohttpTransport()
-        stack.push_async_callback(transport.aclose)
+        if transport is None:  # one given is the caller's to close
+            transport = AiohttpTransport()
+            stack.push_async_callback(transport.aclose)
         inputs = snapshot(config)
         seeds = _seed_store(config, inputs)
         stack.callback(seeds.close)

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from gra_async._concurrency import run_coroutine
-from gra_async.client import EndpointStats
+from gra_async.client import EndpointStats, Transport
 from gra_async.config import RunConfig
 from gra_async.errors import UsageError
 from gra_async.pipeline import Filter, Gate, Progress
@@ -97,6 +97,8 @@ class Synthesizer:
     "adjudicate" falls back to the panel mean. An exception raised by either stops the run.
     `force` continues a run directory made with another config; `retry_failed` plans again
     the failed tasks whose endpoint failed them (journals of versions that failed those).
+    `transport` replaces the HTTP stack (`gra_async.client.Transport`: `request` and
+    `aclose`); the caller closes it.
     """
 
     def __init__(
@@ -107,12 +109,14 @@ class Synthesizer:
         gate: Gate | None = None,
         force: bool = False,
         retry_failed: bool = False,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
         self._filters = tuple(filters)
         self._gate = gate
         self._force = force
         self._retry_failed = retry_failed
+        self._transport = transport
         self._stack: contextlib.AsyncExitStack | None = None
         self._run: Run | None = None
         self._ran = False
@@ -124,7 +128,7 @@ class Synthesizer:
         stack = contextlib.AsyncExitStack()
         self._run = await stack.enter_async_context(open_run(
             self.config, force=self._force, filters=self._filters, gate=self._gate,
-            retry_failed=self._retry_failed))
+            retry_failed=self._retry_failed, transport=self._transport))
         self._stack = stack
         return self
 

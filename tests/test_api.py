@@ -264,6 +264,43 @@ def _settles(condition: Any, seconds: float = 10.0) -> bool:
     return False
 
 
+class CountingTransport:
+    """The real aiohttp transport, counting what goes through it (an injected dependency)."""
+
+    def __init__(self) -> None:
+        from gra_async.client import AiohttpTransport
+
+        self.inner = AiohttpTransport()
+        self.requests = 0
+        self.closed = False
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        return await self.inner.request(method, url, **kwargs)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.inner.aclose()
+
+
+def test_the_http_transport_is_injected(fake_server: FakeServer, tmp_path: Path) -> None:
+    scores(fake_server, 9, 9)
+    transport = CountingTransport()
+
+    async def go() -> gra_async.RunSummary:
+        try:
+            return await gra_async.Synthesizer(config(fake_server, tmp_path, target=2),
+                                               transport=transport).run()
+        finally:
+            assert not transport.closed  # the caller's to close
+            await transport.aclose()
+
+    summary = asyncio.run(go())
+    # Every call and the start-up probe of each of the 4 endpoints went through it (and the
+    # calls cut off at the target).
+    assert transport.requests >= summary.calls + 4 and summary.calls > 0
+
+
 class TestNoSilentCaps:
     def test_concurrency_flag_is_what_flag_given_endpoints_get(
         self, fake_server: FakeServer, tmp_path: Path,
