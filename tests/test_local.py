@@ -58,7 +58,7 @@ def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
 
 
 class Review(BaseModel):
-    """What a reviewer must return: six 1..10 scores and feedback (DESIGN.md §1)."""
+    """What a reviewer must return: six 1..10 scores and feedback (README: How a sample is made)."""
 
     model_config = ConfigDict(extra="forbid")
     correctness: int = Field(ge=1, le=10)
