@@ -255,6 +255,18 @@ class Bench:
     args: argparse.Namespace
 
     def fresh_upstream(self) -> None:
+        """Counters zeroed once the last scenario's calls are over: a run that ends leaves
+        calls in flight, and the proxy goes on sending them upstream after the client hung
+        up (seconds later when it is busy), which would be counted in the next scenario."""
+        deadline = time.monotonic() + 120
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            stats = self.upstream.stats()
+            if stats["chat_requests"] != last or stats["in_flight"]:
+                last, quiet_since = stats["chat_requests"], time.monotonic()
+            elif time.monotonic() - quiet_since >= 3.0:
+                break
+            time.sleep(POLL)
         self.upstream.restore(latency=self.args.latency, jitter=self.args.jitter,
                               rules=SCORE_RULES)
 
