@@ -72,8 +72,25 @@ def proxy(upstream: FakeServer) -> Iterator[LiteLLMProxy]:
 
 @pytest.fixture(autouse=True)
 def _fresh_upstream(upstream: FakeServer) -> Iterator[None]:
+    _quiet(upstream)
     upstream.restore()
     yield
+
+
+def _quiet(upstream: FakeServer, settle: float = 0.5, bound: float = 15.0) -> None:
+    """Wait until the upstream has seen no new request for `settle` s: the proxy keeps
+    forwarding calls an earlier test's run abandoned, and they must not land in this one."""
+    import time
+
+    deadline = time.monotonic() + bound
+    last, since = upstream.stats()["requests"], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = upstream.stats()
+        if stats["requests"] != last or stats["in_flight"]:
+            last, since = stats["requests"], time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return
 
 
 def record(name: str, facts: dict[str, Any]) -> dict[str, Any]:
@@ -426,3 +443,27 @@ def test_run_against_the_gateways_rpm(proxy: LiteLLMProxy, upstream: FakeServer,
     for sample in samples:  # the limited reviewer is in every panel, not lost to its 429s
         assert [r["model"] for r in sample["reviews"]] == [REV_B, RUN_LIMITED.name], sample
         assert not sample.get("failed_reviews"), sample
+
+
+def test_a_read_timeout_shorter_than_the_replies_says_so(
+    proxy: LiteLLMProxy, upstream: FakeServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """read_timeout = 1 behind the gateway against 3 s replies: a warning naming the
+    timeout, then a stall exit (75) that counts the timeouts, instead of a silent stall."""
+    monkeypatch.setenv(KEY_ENV, proxy.master_key)
+    good_reviews(upstream, latency=3.0)
+    url = proxy.base_url
+    config = tmp_path / "gra.toml"
+    config.write_text("[run]\nstall_timeout = 4\n" + "".join(
+        f'[[endpoints.{role}]]\nbase_url = "{url}"\nmodel = "{model}"\n'
+        f'api_key_env = "{KEY_ENV}"\nread_timeout = 1\n'
+        for role, model in (("generator", GEN), ("reviewer", REV_B))))
+    code = main(["run", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+                 "--target", "2"])
+    err = capsys.readouterr().err
+    assert code == 75, err
+    assert f"calls to {GEN}@{url} time out after 1 s: raise its read_timeout" in err
+    stalled = next(line for line in err.splitlines() if line.startswith("error: stalled"))
+    assert "timeouts" in stalled and "no call completed" in stalled
+    assert status_of(tmp_path / "run", capsys)["failed"] == 0

@@ -88,8 +88,10 @@ class EndpointPool:
                 raise
             except BaseException:
                 # Cancelled in flight: the slot goes back, nothing is learned about health,
-                # but the server (or a gateway in front of it) may finish and bill the call.
-                endpoint.abandoned(request)
+                # but the server (or a gateway in front of it) may finish and bill the call;
+                # not when the endpoint was failing every call anyway.
+                if endpoint.open_error is None:
+                    endpoint.abandoned(request)
                 self._release(endpoint)
                 raise
             endpoint.succeeded()

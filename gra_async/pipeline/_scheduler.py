@@ -328,9 +328,9 @@ class Pipeline:
         finally:
             self.progress.in_progress -= 1
             self._running -= 1
-            if not parked:
+            if not parked:  # a parked task made no progress: the stall watchdog still counts
                 self._caller.done(task.id)
-            self.progress.last_activity = time.monotonic()
+                self.progress.last_activity = time.monotonic()
             self._changed.set()
             admit.release()
 
