@@ -54,12 +54,12 @@ def headline(progress: Progress) -> str:
 
 def endpoint_table(stats: Sequence[EndpointStats], elapsed: float) -> Table:
     table = Table(box=None, pad_edge=False)
-    for column in ("endpoint", "in flight", "done", "failed", "retries", "429s", "timeouts",
-                   "req/s", "tok/s", "latency", "state"):
+    for column in ("endpoint", "in flight", "window", "done", "failed", "retries", "429s",
+                   "timeouts", "req/s", "tok/s", "latency", "state"):
         table.add_column(column, justify="left" if column == "endpoint" else "right")
     for s in stats:
         table.add_row(
-            s.label, str(s.in_flight), str(s.succeeded), str(s.failed), str(s.retries),
+            s.label, str(s.in_flight), f"{s.window:.0f}", str(s.succeeded), str(s.failed), str(s.retries),
             str(s.rate_limited), str(s.timeouts), f"{s.succeeded / elapsed:.1f}",
             f"{(s.tokens_in + s.tokens_out) / elapsed:.0f}", f"{s.latency_mean:.2f}s",
             s.health,
