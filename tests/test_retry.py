@@ -104,3 +104,16 @@ def test_server_hint_wins_but_is_capped() -> None:
     policy = RetryPolicy(retry_after_cap=10.0)
     assert policy.delay(0, RateLimitError("x", retry_after=3.0)) == 3.0
     assert policy.delay(5, RateLimitError("x", retry_after=3600.0)) == 10.0
+
+
+def test_an_exhausted_quota_is_not_a_rate_limit() -> None:
+    """OpenAI answers an exhausted quota with 429 `insufficient_quota`: waiting will not
+    refill it, so it stops the run like a refused key instead of parking every task."""
+    body = (b'{"error": {"message": "You exceeded your current quota.", '
+            b'"type": "insufficient_quota", "code": "insufficient_quota"}}')
+    error = error_for_status(429, {"retry-after": "20"}, body, label="m@u", wall_clock=clock)
+    assert isinstance(error, PermissionDeniedError) and not isinstance(error, TransientError)
+    assert "quota is used up" in str(error) and error.status == 429
+    plain = error_for_status(429, {}, b'{"error": {"message": "slow down", "code": "rate_limit_exceeded"}}',
+                             label="m@u", wall_clock=clock)
+    assert isinstance(plain, RateLimitError)

@@ -104,6 +104,19 @@ def _retry_after(
     return max(when.timestamp() - wall_clock(), 0.0)
 
 
+def _error_code(body: bytes) -> str | None:
+    """The `code` (or `type`) of an OpenAI-style error body, if it has one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code") or error.get("type")
+    return code if isinstance(code, str) else None
+
+
 def _server_message(body: bytes, secret: str | None) -> str:
     """The error text an OpenAI-compatible server put in its body, shortened for one line.
 
@@ -138,6 +151,12 @@ def error_for_status(
     said = _server_message(body, secret)
     detail = f": {said}" if said else ""
     request_id = headers.get("x-request-id") or headers.get("request-id")
+    if status == 429 and _error_code(body) == "insufficient_quota":
+        # OpenAI's "quota exhausted" is a 429 too, but waiting does not refill a quota.
+        return PermissionDeniedError(
+            f"{label}: HTTP 429, the account's quota is used up (add credit or use another "
+            f"key){detail}", endpoint=label, status=status, message=said,
+            request_id=request_id)
     if status == 429 or status in _RETRY_STATUSES or status >= 500:
         cls = RateLimitError if status == 429 else ServerError
         return cls(
