@@ -82,7 +82,7 @@ async def doctor(config: RunConfig, out: TextIO) -> int:
         await transport.aclose()
     results = [check.result() for check in checks]
     for (first_role, _), (ok, line) in zip(seen.values(), results, strict=True):
-        print(f"{'ok  ' if ok else 'FAIL'} {first_role:<12}{line}", file=out)
+        _say(out, ok, first_role, line)
     return sum(not ok for ok, _ in results)
 
 
@@ -92,9 +92,9 @@ async def _embedded(out: TextIO) -> int:
     try:
         model_path = find_model_file()
     except ConfigError as exc:
-        print(f"FAIL {'embedded':<12}{exc}", file=out)
+        _say(out, False, "embedded", str(exc))
         return 1
-    print(f"ok   {'embedded':<12}llama.cpp server installed, model file {model_path}", file=out)
+    _say(out, True, "embedded", f"llama.cpp server installed, model file {model_path}")
     transport = AiohttpTransport()
     try:
         async with LocalModelServer(model_path, n_threads=1) as server:
@@ -103,5 +103,9 @@ async def _embedded(out: TextIO) -> int:
         ok, line = False, f"the embedded model server did not start: {exc}"
     finally:
         await transport.aclose()
-    print(f"{'ok  ' if ok else 'FAIL'} {'embedded':<12}{line}", file=out)
+    _say(out, ok, "embedded", line)
     return 0 if ok else 1
+
+
+def _say(out: TextIO, ok: bool, role: str, line: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {role:<12}{line}", file=out)

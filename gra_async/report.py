@@ -70,10 +70,10 @@ def status_report(run_dir: Path) -> dict[str, Any]:
             for role, model, n, t_in, t_out in totals
         ],
         "failures": dict(failures.most_common()),
-        # Calls cut off in flight (target, stop, kill -9): a server or gateway may have
-        # finished and billed them; their tokens are estimated (prompt + completion budget).
         # The latest session's endpoints: health, failures, timeouts (updated every few s).
         "endpoints": endpoints,
+        # Calls cut off in flight (target, stop, kill -9): a server or gateway may have
+        # finished and billed them; their tokens are estimated (prompt + completion budget).
         "abandoned_calls": abandoned[0],
         "abandoned_tokens": abandoned[1],
         "cost": token_cost({key: n for role, model, _, t_in, t_out in totals

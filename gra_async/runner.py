@@ -163,7 +163,7 @@ async def open_run(
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
         if config.has_endpoints:  # the embedded default's caps are ours, sized to its servers
-            for note in dict.fromkeys(team.binding_caps(config.run.concurrency)):
+            for note in team.binding_caps(config.run.concurrency):
                 log.warning("%s", note)
         journal = Journal.open(run_dir, snapshot(live, seeds_sha256=inputs["seeds_sha256"]),
                                force=force, lock=lock)

@@ -51,9 +51,13 @@ class EndpointStats:
     tokens_in: int
     tokens_out: int
     latency_mean: float  # seconds, successful attempts
-    healthy: bool  # False while the circuit breaker is open
     health: str = "ok"  # ok | open (failing transiently: probed) | refusing (the same 4xx)
     timeouts: int = 0  # attempts that got no complete reply within read_timeout
     last_error: str = ""  # the latest failure since the last success
     abandoned: int = 0  # calls cancelled while in flight (target reached, stop)
     abandoned_tokens: int = 0  # their estimated tokens: prompt plus the whole completion budget
+
+    @property
+    def healthy(self) -> bool:
+        """False while the circuit breaker is open."""
+        return self.health == "ok"

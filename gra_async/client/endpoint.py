@@ -22,7 +22,7 @@ from aiolimiter import AsyncLimiter
 from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
-from gra_async.client.retry import error_for_status, parse_duration
+from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration
 from gra_async.config import EndpointConfig
 from gra_async.errors import (
     EndpointError,
@@ -47,8 +47,6 @@ _TPM_BUCKET = 10.0
 # `remaining: 0` with no reset (LiteLLM's own limiter sends that): hold this long when the
 # limit is not known either; with a known limit, one request's worth of a per-minute budget.
 _BLIND_HOLD = 1.0
-# Gateways forward the upstream's rate-limit headers under a prefix (LiteLLM: llm_provider-).
-_HEADER_PREFIXES = ("", "llm_provider-")
 _DIGITS = re.compile(r"\d+")
 # A timeout warning once an endpoint has this many and more timeouts than replies.
 _TIMEOUT_WARN_AFTER = 3
@@ -250,7 +248,7 @@ class Endpoint:
         after all of it (holding the whole 60 s let through 757 calls a minute against
         ~1,200 allowed). With no reset, hold for one request's worth at the known limit.
         """
-        for prefix in _HEADER_PREFIXES:
+        for prefix in GATEWAY_PREFIXES:
             for kind in ("requests", "tokens"):
                 remaining = _number(headers.get(f"{prefix}x-ratelimit-remaining-{kind}"))
                 if remaining is None or remaining > 0:
@@ -337,7 +335,6 @@ class Endpoint:
             tokens_in=self._tokens_in,
             tokens_out=self._tokens_out,
             latency_mean=self._latency_total / self._succeeded if self._succeeded else 0.0,
-            healthy=self.open_error is None,
             health=self.health,
             timeouts=self._timed_out,
             abandoned=self._abandoned,

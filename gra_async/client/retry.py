@@ -30,7 +30,11 @@ from gra_async.errors import (
     TransientError,
 )
 
-__all__ = ["RetryPolicy", "error_for_status", "parse_duration", "retry_after"]
+__all__ = ["GATEWAY_PREFIXES", "RetryPolicy", "error_for_status", "parse_duration", "retry_after"]
+
+# Gateways forward their upstream's wait and rate-limit headers under a prefix
+# (LiteLLM: `llm_provider-retry-after`, `llm_provider-x-ratelimit-reset-requests`).
+GATEWAY_PREFIXES = ("", "llm_provider-")
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -74,7 +78,7 @@ def parse_duration(value: str) -> float | None:
 def retry_after(headers: Mapping[str, str], wall_clock: Callable[[], float]) -> float | None:
     """Seconds the server asks us to wait, from `retry-after-ms` or `Retry-After`, or
     their copies a gateway forwards from its upstream (LiteLLM: `llm_provider-retry-after`)."""
-    for prefix in ("", "llm_provider-"):
+    for prefix in GATEWAY_PREFIXES:
         wait = _retry_after(headers, prefix, wall_clock)
         if wait is not None:
             return wait

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gra_async.planner import Task
 from gra_async.scoring import ScoredReview
+from gra_async.store import SampleRecord
 
-__all__ = ["Adjudication", "DecisionName", "Draft", "FailedReview", "SampleBody"]
+__all__ = ["Adjudication", "DecisionName", "Draft", "FailedReview", "SampleBody", "sample_record"]
 
 # accept / reject: the gate (or the adjudicator) decided; duplicate: a copy of an accepted
 # sample or of a few-shot seed; filtered: a user filter rejected the draft; failed: the
@@ -87,3 +89,9 @@ class SampleBody:
             if value is not None:
                 body[key] = value
         return body
+
+
+def sample_record(task: Task, state: str, body: SampleBody) -> SampleRecord:
+    """`task`'s sample in `state`, as the journal writes it."""
+    return SampleRecord(task.id, task.round, task.index, state, task.domain, task.seed_ids,
+                        body.to_json())

@@ -35,12 +35,12 @@ from gra_async.errors import (
 )
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
-from gra_async.pipeline._records import SampleBody
+from gra_async.pipeline._records import SampleBody, sample_record
 from gra_async.pipeline._steps import Filter, Gate, TaskSteps, dedup_text
 from gra_async.planner import Planner, Task
 from gra_async.prompts import PromptSet
 from gra_async.seeds import Seed
-from gra_async.store import FinishedTasks, Journal, SampleRecord
+from gra_async.store import FinishedTasks, Journal
 from gra_async.team import Team
 
 __all__ = ["Pipeline", "plan_size"]
@@ -373,6 +373,5 @@ class Pipeline:
             progress.filtered += 1
 
     def _record(self, task: Task, state: str, body: SampleBody) -> None:
-        self.journal.record_sample(SampleRecord(
-            task.id, task.round, task.index, state, task.domain, task.seed_ids, body.to_json()))
+        self.journal.record_sample(sample_record(task, state, body))
 

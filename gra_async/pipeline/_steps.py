@@ -16,7 +16,13 @@ from gra_async.dedup import Deduplicator, copied_from
 from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, TaskParked, UsageError
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
-from gra_async.pipeline._records import Adjudication, Draft, FailedReview, SampleBody
+from gra_async.pipeline._records import (
+    Adjudication,
+    Draft,
+    FailedReview,
+    SampleBody,
+    sample_record,
+)
 from gra_async.planner import Planner, Task
 from gra_async.prompts import PromptSet, ReviewView
 from gra_async.scoring import (
@@ -29,7 +35,7 @@ from gra_async.scoring import (
     parse_review,
     parse_verdict,
 )
-from gra_async.store import Journal, SampleRecord
+from gra_async.store import Journal
 from gra_async.team import Team
 
 __all__ = ["Filter", "Gate", "GateVerdict", "TaskSteps", "dedup_text"]
@@ -199,5 +205,4 @@ class TaskSteps:
                 reply.prompt_tokens + reply.completion_tokens)
 
     def _record(self, task: Task, state: str, body: SampleBody) -> None:
-        self._journal.record_sample(SampleRecord(
-            task.id, task.round, task.index, state, task.domain, task.seed_ids, body.to_json()))
+        self._journal.record_sample(sample_record(task, state, body))
