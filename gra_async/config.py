@@ -50,6 +50,9 @@ class EndpointConfig(_Strict):
     # Calls in flight to this endpoint at most; None: no cap of its own, only the run's
     # `concurrency` (what `--concurrency N` says is what a flag-given endpoint gets).
     max_concurrency: int | None = Field(None, ge=1)
+    # The window under that cap follows latency (client/_window.py); false: it stays at the
+    # cap, and only 429s and 503s lower it for a while.
+    adaptive: bool = True
     rpm: int = Field(0, ge=0)  # 0: unlimited
     tpm: int = Field(0, ge=0)
     weight: float = Field(1.0, gt=0)

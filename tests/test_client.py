@@ -200,8 +200,11 @@ class TestLimits:
         pool = EndpointPool([ep], policy=FAST)
         await pool.chat(REQUEST)
         assert ep.stats().window < 5 and ep.stats().rate_limited == 1
-        for _ in range(40):
+        for _ in range(5):  # one at a time: the window never holds a call back, so it stays
             await pool.chat(REQUEST)
+        assert ep.stats().window < 5
+        for _ in range(20):  # 16 at once: held back, with latency flat, it grows to the cap
+            await asyncio.gather(*(pool.chat(REQUEST) for _ in range(16)))
         assert ep.stats().window == 8
 
     async def test_ratelimit_headers_hold_new_calls(

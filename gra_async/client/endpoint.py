@@ -1,7 +1,8 @@
 """One OpenAI-compatible endpoint: its limits, its health, its statistics, and one attempt of a call.
 
 An `Endpoint` never retries and never sleeps on behalf of other calls: the pool picks it,
-it sends one attempt, and it learns from the answer: 429s shrink its concurrency window,
+it sends one attempt, and it learns from the answer: latency sets its concurrency window
+(`_window.py`: queueing at the server shows as latency, 429s and 503s halve it),
 rate-limit headers (plain or a gateway's `llm_provider-` copies) hold new admissions for
 one request's worth of refill, and a circuit breaker opens after `cooldown_after`
 consecutive failures (transient ones, or the same 4xx error): then one probe call every
@@ -22,6 +23,7 @@ from aiolimiter import AsyncLimiter
 from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
+from gra_async.client._window import ConcurrencyWindow
 from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration
 from gra_async.config import EndpointConfig
 from gra_async.errors import (
@@ -38,9 +40,6 @@ __all__ = ["Endpoint"]
 log = logging.getLogger("gra_async")
 
 Clock = Callable[[], float]
-# A 429 storm arrives as a burst from one window of in-flight calls; cutting once per
-# interval keeps one burst from collapsing the window to 1.
-_CUT_INTERVAL = 1.0
 _HOLD_CAP = 60.0
 # A token bucket of 10 s: one request may need more than a second's worth of tokens.
 _TPM_BUCKET = 10.0
@@ -100,9 +99,7 @@ class Endpoint:
         self._rpm = _per_second(config.rpm, 1.0) if config.rpm else None
         self._tpm = _per_second(config.tpm, _TPM_BUCKET) if config.tpm else None
         self._token_debt = 0  # estimate error carried into the next TPM acquisition
-        # Adaptive concurrency (AIMD): starts at the configured cap, halves on 429.
-        self.window = float(self.cap)
-        self._last_cut = -_CUT_INTERVAL
+        self.window = ConcurrencyWindow(self.cap, adaptive=config.adaptive)
         self.hold_until = 0.0  # no new admissions before this (rate-limit headers said so)
         # Health (the circuit breaker): open after `cooldown_after` consecutive transient
         # failures or the same 4xx error that often; open, one probe call per `cooldown` s.
@@ -151,7 +148,10 @@ class Endpoint:
             return False
         if self.open_error is not None:
             return self.in_flight == 0 and now >= self.next_probe  # one probe at a time
-        return self.in_flight < max(1, int(self.window))
+        if self.in_flight < self.window.limit:
+            return True
+        self.window.blocked()
+        return False
 
     def admitted(self, now: float) -> None:
         """A call was given this endpoint; with the breaker open, it is the probe."""
@@ -196,11 +196,13 @@ class Endpoint:
             timeouts=self._timeouts,
             label=self.label,
         )
-        latency = self._clock() - started
+        now = self._clock()
+        latency = now - started
         self._observe_headers(response.headers)
         if response.status >= 300:
             raise self.error_for(response)
         reply = self._parse(response, latency, attempts)
+        self.window.replied(latency, now, self.in_flight - 1)
         if self._tpm is not None:
             self._token_debt = reply.prompt_tokens + reply.completion_tokens - estimate
         self._tokens_in += reply.prompt_tokens
@@ -279,20 +281,17 @@ class Endpoint:
         if self.open_error is not None:
             log.info("%s answers again", self.label)
             self.open_error = None
-        if self.window < self.cap:
-            self.window = min(float(self.cap), self.window + 1.0 / self.window)
 
     def failed(self, error: Exception) -> None:
         self._failed += 1
         if isinstance(error, RateLimitError):
             self._rate_limited += 1
-            now = self._clock()
-            if now - self._last_cut >= _CUT_INTERVAL:
-                self.window = max(1.0, self.window / 2.0)
-                self._last_cut = now
+            self.window.overloaded(self._clock())
             return  # a busy server is healthy: slow down, don't cool down
         if not isinstance(error, EndpointError):
             return
+        if error.status == 503:  # vLLM and gateways say "overloaded" this way too
+            self.window.overloaded(self._clock())
         if isinstance(error, RequestTimeout):
             self._timed_out += 1
             if (not self._timeout_warned and self._timed_out >= _TIMEOUT_WARN_AFTER
@@ -326,7 +325,7 @@ class Endpoint:
             label=self.label,
             model=self.model,
             in_flight=self.in_flight,
-            window=self.window,
+            window=self.window.value,
             requests=self._requests,
             succeeded=self._succeeded,
             failed=self._failed,

@@ -149,13 +149,16 @@ class EndpointPool:
 
     def _release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
-        self._wake(endpoint.model)
-        self._wake(None)
+        # Usually one slot came free; after the window grew, as many as it grew by.
+        free = max(1, endpoint.window.limit - endpoint.in_flight)
+        self._wake(None, max(1, self._wake(endpoint.model, free)))
 
-    def _wake(self, model: str | None) -> None:
+    def _wake(self, model: str | None, count: int = 1) -> int:
+        """Wake up to `count` waiting calls; return how many of the count are left over."""
         waiters = self._waiters.get(model)
-        while waiters:
+        while waiters and count:
             future = waiters.popleft()
             if not future.done():
                 future.set_result(None)
-                return
+                count -= 1
+        return count

@@ -18,6 +18,13 @@ Endpoints:
 
 Knobs (same names as flags at start: `--error-rate 0.1`; or all at once: `--knobs JSON`):
     latency, jitter      seconds before a chat reply; jitter is uniform +-, never below 0
+    capacity             slots, as a model server's batch (0: unlimited). A reply takes its
+                         latency only once it holds a slot; beyond the slots requests wait in
+                         one FIFO queue, never a 429 (vLLM queues the same way). A closed
+                         connection gives its slot or its place back, as vLLM aborts the request.
+    degrade              slowdown past the knee (as KV-cache preemption does): a request starting
+                         while W others wait takes latency * (1 + degrade * min(W, capacity) /
+                         capacity), so a full queue and degrade 1 halve the throughput
     rpm, tpm             requests / tokens per minute over a sliding 60 s window (0: no limit).
                          Over it: 429 with `Retry-After` and `retry-after-ms`; while set, every
                          chat reply carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
@@ -62,8 +69,12 @@ finish_reason "length", as a real server does. `stream: true` is refused with 40
 
 `/_stats`: `requests` (to /v1), `chat_requests`, `status` {"200": n, ...}, `models` {name: n},
 `faults` {"reset"|"hang"|"malformed"|"truncated": n}, `rule_hits` (per rule), `in_flight`,
-`in_flight_peak`, `connections` {"opened", "open"}, `script_left`, and `calls`:
+`in_flight_peak`, `connections` {"opened", "open"}, `script_left`, `capacity` {"running",
+"waiting", "waiting_peak", "served", "queued", "wait_total", "service_total"} (seconds; `served`
+counts replies that held a slot, `queued` those of them that waited first), and `calls`:
 {call_key(model, messages): n}, so a test can assert no call was sent twice.
+`GET /metrics`: `vllm:num_requests_running` and `vllm:num_requests_waiting` gauges in the
+Prometheus text format, as vLLM names them.
 """
 
 from __future__ import annotations
@@ -145,6 +156,8 @@ class Knobs:
 
     latency: float = 0.0
     jitter: float = 0.0
+    capacity: int = 0
+    degrade: float = 0.0
     rpm: int = 0
     tpm: int = 0
     error_rate: float = 0.0
@@ -301,6 +314,8 @@ def _seed(value: Any, name: str) -> int:
 _KNOB_PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "latency": _seconds,
     "jitter": _seconds,
+    "capacity": _count,
+    "degrade": _seconds,
     "rpm": _count,
     "tpm": _count,
     "error_rate": _fraction,
@@ -324,6 +339,8 @@ _KNOB_PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
 _KNOB_HELP: Final = {
     "latency": "seconds before each chat reply",
     "jitter": "uniform +- seconds around latency",
+    "capacity": "slots; more requests wait in a FIFO queue (0: unlimited)",
+    "degrade": "slowdown of service past the knee (see the module docstring)",
     "rpm": "requests per minute (sliding 60 s window; 0: unlimited)",
     "tpm": "tokens per minute (sliding 60 s window; 0: unlimited)",
     "error_rate": "fraction answered 500/502/503",
@@ -614,17 +631,26 @@ class _Reply:
     delay: float = 0.0
     dribble: float = 0.0
     close: bool = False
+    serve: bool = False  # a model reply: under `capacity` it needs a slot for its delay
+
+
+IDLE: Final = 0
+WAITING: Final = 1
+RUNNING: Final = 2
 
 
 class _Slot:
     """One request awaiting its turn on a connection (HTTP/1.1 answers in request order)."""
 
-    __slots__ = ("ready", "reply", "timer")
+    __slots__ = ("conn", "queued_at", "ready", "reply", "state", "timer")
 
-    def __init__(self, reply: _Reply) -> None:
+    def __init__(self, reply: _Reply, conn: _Connection) -> None:
         self.reply = reply
+        self.conn = conn
         self.ready = False
         self.timer: asyncio.TimerHandle | None = None
+        self.state = IDLE  # WAITING / RUNNING while it holds a place under `capacity`
+        self.queued_at = 0.0
 
 
 class _Connection(asyncio.Protocol):
@@ -653,12 +679,19 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.dribble_timer is not None:
             self.dribble_timer.cancel()
-        for slot in self.queue:
+        for _ in self._forget():
+            self.server.request_finished()
+        self.server.connection_closed(self)
+
+    def _forget(self) -> list[_Slot]:
+        """Drop every pending reply, giving back its place under `capacity`."""
+        slots = list(self.queue)
+        self.queue.clear()
+        for slot in slots:
             if slot.timer is not None:
                 slot.timer.cancel()
-            self.server.request_finished()
-        self.queue.clear()
-        self.server.connection_closed(self)
+            self.server.withdraw(slot)
+        return slots
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -705,15 +738,20 @@ class _Connection(asyncio.Protocol):
 
     # delivery
     def enqueue(self, reply: _Reply) -> None:
-        slot = _Slot(reply)
+        slot = _Slot(reply, self)
         self.queue.append(slot)
         self.server.request_started()
         if reply.fate == HANG:
             return
-        if reply.delay > 0:
+        if reply.serve and self.server.knobs.capacity:
+            self.server.admit(slot)
+        elif reply.delay > 0:
             slot.timer = self.loop.call_later(reply.delay, self._ready, slot)
         else:
             self._ready(slot)
+
+    def ready(self, slot: _Slot) -> None:
+        self._ready(slot)
 
     def _ready(self, slot: _Slot) -> None:
         slot.ready = True
@@ -778,10 +816,7 @@ class _Connection(asyncio.Protocol):
 
     def drop(self) -> None:
         """Forget every pending reply and reset the connection (for `restore`)."""
-        for slot in self.queue:
-            if slot.timer is not None:
-                slot.timer.cancel()
-        self.queue.clear()
+        self._forget()
         if self.dribble_timer is not None:
             self.dribble_timer.cancel()
         self.reset()
@@ -816,6 +851,11 @@ class _Stats:
         self.bodies: deque[Any] = deque(maxlen=KEEP_BODIES)
         self.in_flight_peak = 0
         self.connections_opened = 0
+        self.served = 0  # replies that held a slot under `capacity`
+        self.queued = 0  # of them, those that waited for it
+        self.wait_total = 0.0
+        self.service_total = 0.0
+        self.waiting_peak = 0
 
 
 class FakeOpenAIServer:
@@ -835,6 +875,11 @@ class FakeOpenAIServer:
         self._next_id = 0
         self._initial = self.knobs
         self._relisten: asyncio.Task[None] | None = None
+        # `capacity`: slots in use and the FIFO queue; a withdrawn slot stays in the deque
+        # (state IDLE) and is skipped, so a disconnect costs O(1).
+        self.running = 0
+        self.waiting = 0
+        self._queue: deque[_Slot] = deque()
         self._apply_side_effects(self.knobs, set(_KNOB_PARSERS))
 
     # lifecycle
@@ -892,6 +937,64 @@ class FakeOpenAIServer:
     def request_finished(self) -> None:
         self.in_flight -= 1
 
+    # capacity: slots and the FIFO queue
+    def admit(self, slot: _Slot) -> None:
+        if self.running < self.knobs.capacity:
+            self._serve(slot, 0.0)
+            return
+        slot.state = WAITING
+        slot.queued_at = self.loop.time()
+        self._queue.append(slot)
+        self.waiting += 1
+        if self.waiting > self.stats.waiting_peak:
+            self.stats.waiting_peak = self.waiting
+
+    def _serve(self, slot: _Slot, waited: float) -> None:
+        k = self.knobs
+        delay = slot.reply.delay
+        if k.degrade and self.waiting:
+            delay *= 1.0 + k.degrade * min(self.waiting, k.capacity) / k.capacity
+        slot.state = RUNNING
+        self.running += 1
+        stats = self.stats
+        stats.served += 1
+        stats.service_total += delay
+        if waited > 0:
+            stats.queued += 1
+            stats.wait_total += waited
+        slot.timer = self.loop.call_later(delay, self._served, slot)
+
+    def _served(self, slot: _Slot) -> None:
+        slot.state = IDLE
+        self.running -= 1
+        self._fill()
+        slot.conn.ready(slot)
+
+    def withdraw(self, slot: _Slot) -> None:
+        """The client went away: its slot or its place in the queue is free again."""
+        if slot.state == RUNNING:
+            self.running -= 1
+            slot.state = IDLE
+            self._fill()
+        elif slot.state == WAITING:
+            self.waiting -= 1
+            slot.state = IDLE
+
+    def _fill(self) -> None:
+        queue, now = self._queue, self.loop.time()
+        while queue and self.running < self.knobs.capacity:
+            slot = queue.popleft()
+            if slot.state != WAITING:
+                continue
+            self.waiting -= 1
+            self._serve(slot, now - slot.queued_at)
+        if not self.knobs.capacity:  # capacity lifted: everything waiting goes at once
+            while queue:
+                slot = queue.popleft()
+                if slot.state == WAITING:
+                    self.waiting -= 1
+                    self._serve(slot, now - slot.queued_at)
+
     # knobs
     def update(self, changes: Mapping[str, Any], origin: _Connection | None = None) -> None:
         """Apply a partial knob update (raises KnobError and changes nothing if one is bad).
@@ -938,6 +1041,8 @@ class FakeOpenAIServer:
         if "tpm" in changed:
             self._token_window: deque[tuple[float, int]] = deque()
             self._tokens_in_window = 0
+        if "capacity" in changed:
+            self._fill()  # more slots: start what waits (fewer: running replies finish first)
         if "api_key" in changed:
             self._auth = None if new.api_key is None else b"Bearer " + new.api_key.encode()
         if {"down", "down_mode", "down_for"} & changed:
@@ -981,6 +1086,14 @@ class FakeOpenAIServer:
             if self.knobs.down_mode == "503":
                 return _Reply(_http(503, _error_body(503, "the server is down")))
             return _Reply(fate=RESET)
+        if path == b"/metrics":
+            text = (
+                "# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{model_name="{self.knobs.models[0]}"}} {self.running}\n'
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{model_name="{self.knobs.models[0]}"}} {self.waiting}\n'
+            )
+            return _Reply(_http(200, text.encode()))
         if path == b"/_stats":
             bodies = parse_qs(query.decode("latin-1")).get("bodies", ["0"])[0] not in ("0", "")
             return _Reply(_http(200, self.stats_json(bodies)))
@@ -1043,6 +1156,11 @@ class FakeOpenAIServer:
             "in_flight_peak": s.in_flight_peak,
             "connections": {"opened": s.connections_opened, "open": len(self.connections)},
             "script_left": len(self._script),
+            "capacity": {
+                "running": self.running, "waiting": self.waiting,
+                "waiting_peak": s.waiting_peak, "served": s.served, "queued": s.queued,
+                "wait_total": s.wait_total, "service_total": s.service_total,
+            },
             "calls": dict(s.calls),
         }
         if bodies:
@@ -1171,6 +1289,7 @@ class FakeOpenAIServer:
             body = body[: len(body) // 2]
         reply = self._v1(200, body, headers, self._delay())
         reply.dribble = knobs.dribble
+        reply.serve = True
         return reply
 
     def _content(

@@ -1,0 +1,212 @@
+"""How many calls one endpoint may have in flight: a window that finds the server's knee.
+
+A model server past its capacity does not refuse: vLLM and llama.cpp queue the request,
+and the only sign is latency. So the window follows latency, in epochs of about one round
+trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
+
+- The base is the lowest epoch-mean latency of the last `_BASE_EPOCHS` epochs: the
+  latency without a queue. An epoch's mean, not the fastest reply: with 500 +- 100 ms of
+  jitter the fastest replies are 20% under the typical one, and a base that low reads as
+  a queue that is not there.
+- An epoch whose mean is over the base by `_TOLERANCE` of it, and by `_NOISE` seconds
+  (below ~20 ms a busy client's own event-loop lag moves latency more than a queue does),
+  had a queue in front of it. By Little's law the server sustains throughput x base
+  calls; the window goes there, plus `_MARGIN`.
+- An epoch without a queue in which the window held calls back grows it: doubling while
+  no knee is known, then by `_GROWTH`, every other epoch (the one between shows what the
+  step did). The window then swings between ~1.05 and ~1.25 times the knee: a queue wait
+  of 5-20% of the service time (bench/capacity_bench.py).
+- It starts at the cap, not at one: at 8 s latency a slow start to 10,000 takes ~14 round
+  trips, two minutes of a run. The first replies of a burst are calls that found a free
+  slot, so the first epoch sees the base even behind a burst far past the knee; it lasts
+  two of its fastest round trips, since the first replies are also the fastest ones.
+- The base can be wrong: too high when even the first epoch queued (fewer slots than
+  `_MIN_SAMPLES`), stale when the work got slower (longer replies). Once a knee is known,
+  at once and then every `_PROBE_EVERY` epochs, a probe lowers the window to
+  `_PROBE_DEPTH` of itself for two epochs: one to drain, one to measure the calls sent
+  under it. A lower latency is the new base (and, if much lower, calls for another probe
+  at once: the probe's window may have been past the knee too); the same latency with
+  less throughput means no queue, the work is slower: that latency is the new base.
+  A cut that lowered throughput and not latency asks for a probe the same way.
+- 429 and 503 halve it, at most once per `_CUT_INTERVAL`: a storm arrives as one burst.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+__all__ = ["ConcurrencyWindow"]
+
+_MIN_SAMPLES: Final = 16
+_BASE_EPOCHS: Final = 30
+_TOLERANCE: Final = 0.15
+_NOISE: Final = 0.020
+_MARGIN: Final = 0.05
+_GROWTH: Final = 0.10
+_PROBE_EVERY: Final = 40
+# In steady state the window is at most ~1.25x the knee: three quarters of it is under.
+_PROBE_DEPTH: Final = 0.75
+_CUT_INTERVAL: Final = 1.0
+
+
+class ConcurrencyWindow:
+    """One endpoint's window; fed by the endpoint on the event loop (not thread-safe)."""
+
+    __slots__ = (
+        "_base", "_blocked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_latency_sum",
+        "_next_probe", "_probe", "_replies", "_restore", "_samples", "_settling", "_started",
+        "_throughput", "adaptive", "cap", "value",
+    )
+
+    def __init__(self, cap: int, *, adaptive: bool = True) -> None:
+        self.cap = cap
+        self.adaptive = adaptive
+        self.value = float(cap)
+        self._base: deque[float] = deque(maxlen=_BASE_EPOCHS)
+        self._started: float | None = None  # when this epoch began; None before any reply
+        self._replies = 0  # every reply of this epoch, for its throughput
+        self._samples = 0  # the replies whose latency counts (see `replied`)
+        self._latency_sum = 0.0
+        self._fastest = float("inf")  # of the first epoch
+        self._blocked = False  # the window held a call back during this epoch
+        self._settling = False  # the window changed: this epoch shows the old one, not it
+        self._knee = False  # a queue was seen: the server's capacity is under the cap
+        self._epochs = 0
+        self._probe = 0  # epochs left of a probe (2: draining, 1: measuring)
+        self._next_probe = 0  # the epoch of the next probe, once a knee is known
+        self._restore = 0.0  # the window to go back to after a probe
+        self._throughput = 0.0  # of the last epoch that decided something
+        self._cut_at = float("-inf")
+        self._cut: tuple[float, float] | None = None  # (latency, throughput) at the last cut
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self.value))
+
+    @property
+    def base(self) -> float:
+        """The latency without a queue, as measured (0 before the first epoch)."""
+        return min(self._base) if self._base else 0.0
+
+    def blocked(self) -> None:
+        """A call was held back by the window: growing it could have sent more."""
+        self._blocked = True
+
+    def replied(self, latency: float, now: float, in_flight: int) -> None:
+        """A successful reply after `latency` seconds, with `in_flight` calls still out."""
+        if not self.adaptive:
+            if self.value < self.cap:  # after a cut, back to the cap additively
+                self.value = min(float(self.cap), self.value + 1.0 / self.value)
+            return
+        if self._started is None:
+            self._started = now - latency
+        self._replies += 1
+        self._fastest = min(self._fastest, latency)
+        if self._probe == 1 and now - latency < self._started:
+            return  # a probe measures only calls sent under its own window, not the queue's
+        self._samples += 1
+        self._latency_sum += latency
+        if self._samples < _MIN_SAMPLES:
+            return
+        elapsed = now - self._started
+        mean = self._latency_sum / self._samples
+        # The first replies of calls sent after a point in time are the fastest of them (with
+        # +-25% jitter, 20% under the mean), so the epochs that set the base last two round
+        # trips: a probe's, and the first (from its fastest reply: a first burst far past the
+        # knee has a mean that grows as fast as the epoch does).
+        if self._probe == 1:
+            span = 2.0 * mean
+        elif not self._base:
+            span = 2.0 * self._fastest
+        else:
+            span = self.base or mean
+        if elapsed < span:
+            return  # less than a round trip: the window's effect is not in yet
+        if self._settling and in_flight > self.limit:
+            return  # what was sent under a larger window is still draining
+        self._close(mean, self._replies / elapsed, now)
+
+    def overloaded(self, now: float) -> None:
+        """A 429 or 503: the server said it is over its capacity."""
+        if now - self._cut_at >= _CUT_INTERVAL:
+            self._cut_at = now
+            self._found_knee()
+            self._set(self.value / 2.0)
+
+    def _found_knee(self) -> None:
+        if not self._knee:
+            # The base may have been measured behind a queue already: probe as soon as
+            # the queue has drained, not only after `_PROBE_EVERY` epochs.
+            self._knee = True
+            self._next_probe = self._epochs
+
+    def _set(self, value: float) -> None:
+        value = min(float(self.cap), max(1.0, value))
+        if value != self.value:
+            self.value = value
+            self._settling = True
+
+    def _close(self, mean: float, throughput: float, now: float) -> None:
+        first, blocked, settling = not self._base, self._blocked, self._settling
+        self._started, self._replies, self._samples, self._latency_sum = now, 0, 0, 0.0
+        self._blocked = self._settling = False
+        self._epochs += 1
+        if self._probe:
+            self._probe -= 1
+            if self._probe == 0:
+                self._probed(mean, throughput)
+            return
+        if settling and not first:
+            return
+        self._throughput = throughput
+        if first:
+            self._base.append(mean)
+            return
+        base = self.base
+        self._base.append(mean)
+        cut, self._cut = self._cut, None
+        if mean > base * (1.0 + _TOLERANCE) and mean - base > _NOISE:
+            if cut is not None and mean >= cut[0] * 0.95 and throughput < cut[1] * 0.9:
+                # The last cut lowered throughput and not latency: no queue, or the work
+                # itself got slower (longer replies)? A probe tells.
+                self._start_probe()
+                return
+            self._found_knee()
+            target = min(self.value, throughput * base * (1.0 + _MARGIN))
+            if target < self.value * 0.9:
+                self._cut = (mean, throughput)
+            self._set(target)
+        elif blocked and self.value < self.cap and not self._probe_due():
+            self._set(self.value + max(1.0, self.value * _GROWTH if self._knee else self.value))
+            return
+        if self._probe_due():
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        self._next_probe = self._epochs + _PROBE_EVERY
+        self._restore = self.value
+        self._probe = 2
+        self._set(self.value * _PROBE_DEPTH)
+
+    def _probed(self, mean: float, throughput: float) -> None:
+        """The measuring epoch of a probe: the latency under a smaller window."""
+        base = self.base
+        before = self._throughput or throughput
+        if (mean > base * (1.0 + _TOLERANCE) and mean - base > _NOISE
+                and throughput < before * 0.85):
+            # A smaller window, less throughput, the same high latency: the server was
+            # not queueing. The work is slower than when the base was measured.
+            self._base.clear()
+            self._base.append(mean)
+            self._set(self._restore)
+            return
+        if mean < base * (1.0 - _TOLERANCE):
+            # The base was measured behind a queue; the probe's window may have been past
+            # the knee too, so look again with the better base.
+            self._next_probe = self._epochs + 1
+        self._base.append(mean)
+        self._set(min(self._restore, before * self.base * (1.0 + _MARGIN)))
+
+    def _probe_due(self) -> bool:
+        return self._knee and self._epochs >= self._next_probe

@@ -1,0 +1,204 @@
+"""The latency-based concurrency window: it finds a server's knee without any 429.
+
+Two kinds of test: against the fake server's capacity model (K slots, a FIFO queue, no 429,
+as vLLM) over real HTTP, and a discrete-event model of the same server on a virtual clock,
+for the cases that would take minutes of real time (a knee under the minimum epoch size,
+replies that get slower for reasons that are not a queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gra_async.client import AiohttpTransport, ChatRequest, Endpoint, EndpointPool
+from gra_async.client._window import ConcurrencyWindow
+from gra_async.config import EndpointConfig
+from gra_async.testing.fake_server import FakeServerProcess
+
+REQUEST = ChatRequest(messages=[{"role": "user", "content": "one prime, please"}], max_tokens=8)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServerProcess]:
+    with FakeServerProcess.start(models=["m"], latency=0.1, jitter=0.02) as srv:
+        yield srv
+
+
+async def _load(server: FakeServerProcess, workers: int, phases: list[tuple[int, float]],
+                adaptive: bool = True) -> list[tuple[float, float, float]]:
+    """Keep `workers` calls ready; per (capacity, seconds) phase return the window's median,
+    the server's mean queue wait and its mean service time, all over the phase's second
+    half (a probe lowers the window for two epochs: one reading could land in one)."""
+    transport = AiohttpTransport()
+    endpoint = Endpoint(EndpointConfig(base_url=server.base_url, model="m",
+                                       max_concurrency=workers, adaptive=adaptive), transport)
+    pool = EndpointPool([endpoint])
+    stop = False
+
+    async def worker() -> None:
+        while not stop:
+            await pool.chat(REQUEST)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    results = []
+    try:
+        for capacity, seconds in phases:
+            await asyncio.to_thread(server.control, capacity=capacity)
+            await asyncio.sleep(seconds / 2)
+            await asyncio.to_thread(server.reset_stats)
+            windows = []
+            for _ in range(int(seconds / 2 / 0.1)):
+                await asyncio.sleep(0.1)
+                windows.append(endpoint.window.value)
+            stats = (await asyncio.to_thread(server.stats))["capacity"]
+            served = max(1, stats["served"])
+            results.append((statistics.median(windows), stats["wait_total"] / served,
+                            stats["service_total"] / served))
+    finally:
+        stop = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await transport.aclose()
+    return results
+
+
+class TestAgainstTheFakeServer:
+    def test_the_window_settles_near_the_knee_and_the_queue_stays_short(
+        self, server: FakeServerProcess
+    ) -> None:
+        [(window, wait, service)] = asyncio.run(_load(server, 200, [(16, 12.0)]))
+        assert 12 <= window <= 28
+        assert wait <= 0.5 * service
+
+    def test_without_it_the_server_queue_holds_everything_sent(
+        self, server: FakeServerProcess
+    ) -> None:
+        # What the adaptive window is for: a fixed window of 200 against 16 slots keeps
+        # ~184 calls waiting at the server, ~11 service times each.
+        [(window, wait, service)] = asyncio.run(_load(server, 200, [(16, 4.0)], adaptive=False))
+        assert window == 200
+        assert wait > 5 * service
+
+    def test_it_backs_off_when_capacity_drops_and_grows_back(
+        self, server: FakeServerProcess
+    ) -> None:
+        phases = asyncio.run(_load(server, 200, [(32, 10.0), (8, 10.0), (32, 14.0)]))
+        (before, _, _), (dropped, wait, service), (back, _, _) = phases
+        assert 24 <= before <= 56
+        assert dropped <= 16 and wait <= 0.5 * service
+        assert back >= 24
+
+    def test_the_vllm_metrics_the_fake_server_exports(self, server: FakeServerProcess) -> None:
+        import urllib.request
+
+        server.control(capacity=4)
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert 'vllm:num_requests_running{model_name="m"} 0' in text
+        assert "vllm:num_requests_waiting" in text
+
+
+# --- a virtual-clock model of a server with K slots and a FIFO queue --------------------
+
+
+def simulate(
+    capacity: Callable[[float], int],
+    service: Callable[[float], float],
+    *,
+    cap: int = 1000,
+    seconds: float = 300.0,
+    jitter: float = 0.2,
+    seed: int = 1,
+) -> list[tuple[float, float, float]]:
+    """Closed loop: `cap` callers always ready, gated by one window; the server serves
+    FIFO with `capacity(t)` slots and `service(t)` (+- jitter) seconds per call.
+    Returns (time, window, queue wait of the call that just finished) per reply."""
+    rng = random.Random(seed)
+    window = ConcurrencyWindow(cap)
+    events: list[tuple[float, int, float, float]] = []  # (done at, seq, sent at, waited)
+    queue: deque[float] = deque()
+    running = in_flight = seq = 0
+    now = 0.0
+    trace = []
+
+    def start(sent: float) -> None:
+        nonlocal running, seq
+        running += 1
+        seq += 1
+        took = service(now) * (1 + rng.uniform(-jitter, jitter))
+        heapq.heappush(events, (now + took, seq, sent, now - sent))
+
+    def admit() -> None:
+        nonlocal in_flight
+        while in_flight < window.limit:
+            in_flight += 1
+            if running < capacity(now):
+                start(now)
+            else:
+                queue.append(now)
+        window.blocked()
+
+    admit()
+    while events and now < seconds:
+        now, _, sent, waited = heapq.heappop(events)
+        running -= 1
+        in_flight -= 1
+        while queue and running < capacity(now):
+            start(queue.popleft())
+        window.replied(now - sent, now, in_flight)
+        trace.append((now, window.value, waited))
+        admit()
+    return trace
+
+
+def _steady(trace: list[tuple[float, float, float]], since: float, until: float = 1e9
+            ) -> tuple[float, float, float]:
+    """(mean window, mean queue wait, replies per second) between two times."""
+    part = [t for t in trace if since <= t[0] < until]
+    span = part[-1][0] - part[0][0]
+    return (sum(t[1] for t in part) / len(part), sum(t[2] for t in part) / len(part),
+            len(part) / span)
+
+
+class TestVirtualClock:
+    def test_a_knee_under_the_epoch_size_is_found(self) -> None:
+        # 4 slots: the first epoch's 16 replies already queued, so its base reads ~2x high;
+        # the probes have to find the real one.
+        trace = simulate(lambda t: 4, lambda t: 1.0, cap=500, seconds=600)
+        window, wait, rate = _steady(trace, 300)
+        assert window <= 6
+        assert wait <= 0.3  # of a 1 s service time
+        assert rate >= 0.9 * 4
+
+    def test_slower_replies_are_not_read_as_a_queue_forever(self) -> None:
+        # The work doubles in length at t=100 (longer answers) with no queue anywhere:
+        # the window must not spiral down, and the throughput must stay at what 64 slots give.
+        trace = simulate(lambda t: 64, lambda t: 0.5 if t < 100 else 1.0, cap=1000, seconds=400)
+        window, wait, rate = _steady(trace, 250)
+        assert window >= 60
+        assert rate >= 0.9 * 64 / 1.0
+        assert wait <= 0.25 * 1.0
+
+    def test_ten_thousand_in_flight_with_no_knee_never_shrinks(self) -> None:
+        # A fleet bigger than the run: 8 s +- 25% latency, 10,000 callers, 20,000 slots.
+        trace = simulate(lambda t: 20_000, lambda t: 8.0, cap=10_000, seconds=200, jitter=0.25)
+        assert min(t[1] for t in trace) == 10_000
+
+    def test_a_replica_removed_then_added_back(self) -> None:
+        def capacity(t: float) -> int:
+            return 32 if 200 <= t < 400 else 64
+
+        trace = simulate(capacity, lambda t: 0.5, cap=1000, seconds=600)
+        for since, until, knee in ((120, 200, 64), (300, 400, 32), (520, 600, 64)):
+            window, wait, rate = _steady(trace, since, until)
+            assert knee * 0.9 <= window <= knee * 1.4, (since, window)
+            assert wait <= 0.25 * 0.5, (since, wait)
+            assert rate >= 0.9 * knee / 0.5, (since, rate)
