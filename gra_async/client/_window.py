@@ -24,8 +24,9 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   `_MIN_SAMPLES`), stale when the work got slower (longer replies). Once a knee is known,
   at once and then every `_PROBE_EVERY` epochs, a probe lowers the window to
   `_PROBE_DEPTH` of itself for two epochs: one to drain, one to measure the calls sent
-  under it. A lower latency is the new base (and, if much lower, calls for another probe
-  at once: the probe's window may have been past the knee too); the same latency with
+  under it. A lower latency is the new base; if the throughput did not fall, the probe
+  was still past the knee, and another comes at once from the lower window; the same
+  latency with
   less throughput means no queue, the work is slower: that latency is the new base.
   A cut that lowered throughput and not latency asks for a probe the same way.
 - 429 and 503 halve it, at most once per `_CUT_INTERVAL`: a storm arrives as one burst.
@@ -54,9 +55,11 @@ class ConcurrencyWindow:
     """One endpoint's window; fed by the endpoint on the event loop (not thread-safe)."""
 
     __slots__ = (
-        "_base", "_blocked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_latency_sum",
-        "_next_probe", "_probe", "_replies", "_restore", "_samples", "_settling", "_started",
-        "_throughput", "adaptive", "cap", "value",
+        "_base", "_blocked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_last",
+        "_latency_sum",
+        "_next_probe", "_probe", "_reference", "_replies", "_restore", "_samples", "_series",
+        "_settling", "_started",
+        "adaptive", "cap", "value",
     )
 
     def __init__(self, cap: int, *, adaptive: bool = True) -> None:
@@ -76,7 +79,11 @@ class ConcurrencyWindow:
         self._probe = 0  # epochs left of a probe (2: draining, 1: measuring)
         self._next_probe = 0  # the epoch of the next probe, once a knee is known
         self._restore = 0.0  # the window to go back to after a probe
-        self._throughput = 0.0  # of the last epoch that decided something
+        # Probes come in series until one lowers throughput (it got under the knee); each
+        # compares its throughput with the one before (or the epoch before the series).
+        self._series = False
+        self._reference: float | None = None
+        self._last: tuple[float, float] | None = None  # (latency, throughput) of the last decision
         self._cut_at = float("-inf")
         self._cut: tuple[float, float] | None = None  # (latency, throughput) at the last cut
 
@@ -140,6 +147,7 @@ class ConcurrencyWindow:
             # the queue has drained, not only after `_PROBE_EVERY` epochs.
             self._knee = True
             self._next_probe = self._epochs
+            self._series, self._reference = True, None  # a first burst's throughput: no reference
 
     def _set(self, value: float) -> None:
         value = min(float(self.cap), max(1.0, value))
@@ -159,19 +167,19 @@ class ConcurrencyWindow:
             return
         if settling and not first:
             return
-        self._throughput = throughput
+        self._last = (mean, throughput)
         if first:
             self._base.append(mean)
             return
         base = self.base
         self._base.append(mean)
         cut, self._cut = self._cut, None
+        if cut is not None and mean >= cut[0] * 0.95 and throughput < cut[1] * 0.9:
+            # The last cut lowered throughput and not latency: was there a queue at all,
+            # or did the work itself get slower (longer replies)? A probe tells.
+            self._start_probe()
+            return
         if mean > base * (1.0 + _TOLERANCE) and mean - base > _NOISE:
-            if cut is not None and mean >= cut[0] * 0.95 and throughput < cut[1] * 0.9:
-                # The last cut lowered throughput and not latency: no queue, or the work
-                # itself got slower (longer replies)? A probe tells.
-                self._start_probe()
-                return
             self._found_knee()
             target = min(self.value, throughput * base * (1.0 + _MARGIN))
             if target < self.value * 0.9:
@@ -184,6 +192,9 @@ class ConcurrencyWindow:
             self._start_probe()
 
     def _start_probe(self) -> None:
+        if not self._series:
+            self._series = True
+            self._reference = self._last[1] if self._last is not None else None
         self._next_probe = self._epochs + _PROBE_EVERY
         self._restore = self.value
         self._probe = 2
@@ -191,22 +202,26 @@ class ConcurrencyWindow:
 
     def _probed(self, mean: float, throughput: float) -> None:
         """The measuring epoch of a probe: the latency under a smaller window."""
-        base = self.base
-        before = self._throughput or throughput
-        if (mean > base * (1.0 + _TOLERANCE) and mean - base > _NOISE
-                and throughput < before * 0.85):
-            # A smaller window, less throughput, the same high latency: the server was
-            # not queueing. The work is slower than when the base was measured.
+        base, reference = self.base, self._reference
+        self._base.append(mean)
+        if reference is None or throughput >= reference * 0.9:
+            # A smaller window and the same throughput (or nothing to compare with, after a
+            # first burst): still past the knee, this latency still had a queue in it. Back
+            # to what Little's law allows with it (about 0.8 of the window), probe again.
+            self._next_probe = self._epochs + 1
+            self._reference = throughput
+            self._set(min(self._restore, throughput * self.base * (1.0 + _MARGIN)))
+            return
+        self._series = False
+        latency = self._last[0] if self._last is not None else mean
+        if mean > base * (1.0 + _TOLERANCE) and mean >= latency * 0.95:
+            # Less throughput and the same latency: the server was not queueing, the work
+            # is slower than when the base was measured.
             self._base.clear()
             self._base.append(mean)
             self._set(self._restore)
             return
-        if mean < base * (1.0 - _TOLERANCE):
-            # The base was measured behind a queue; the probe's window may have been past
-            # the knee too, so look again with the better base.
-            self._next_probe = self._epochs + 1
-        self._base.append(mean)
-        self._set(min(self._restore, before * self.base * (1.0 + _MARGIN)))
+        self._set(min(self._restore, reference * self.base * (1.0 + _MARGIN)))
 
     def _probe_due(self) -> bool:
         return self._knee and self._epochs >= self._next_probe
