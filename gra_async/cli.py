@@ -1,4 +1,4 @@
-"""`gra-async run | status | export | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | status | export | report | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
+
+    report = sub.add_parser("report", help="data-quality report: one self-contained HTML file "
+                                           "with figures (works while the run writes)")
+    report.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
+                        help=f"run directory (default {_DEFAULT_RUN_DIR})")
+    report.add_argument("--out", type=Path, help="output file (default RUN_DIR/report.html)")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
     prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
@@ -234,6 +240,15 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    from gra_async.quality import write_report
+
+    written = write_report(args.run_dir, args.out)
+    print(f"wrote {written.path} ({written.samples} samples, {written.figures} figures, "
+          f"{written.seconds:.1f} s)")
+    return EXIT_OK
+
+
 def _prompts(args: argparse.Namespace) -> int:
     from gra_async.prompts import default_prompts_dir
 
@@ -300,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "prompts":
             return _prompts(args)
+        if args.command == "report":
+            return _report(args)
         return run_coroutine(_doctor(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
