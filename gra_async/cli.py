@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
     run.add_argument("--retry-failed", action="store_true",
                      help="plan again failed tasks whose endpoint failed them (not their replies)")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics while running")
+    run.add_argument("--metrics-host", metavar="HOST",
+                     help=f"address the metrics listen on (default {defaults.METRICS_HOST})")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
@@ -131,7 +135,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in (("run_dir", "run_dir"), ("target", "target"), ("roles", "roles"),
                       ("reviewers", "reviewers"), ("concurrency", "concurrency"),
                       ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
-                      ("max_tasks", "max_tasks")):
+                      ("max_tasks", "max_tasks"), ("metrics_port", "metrics_port"),
+                      ("metrics_host", "metrics_host")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value
@@ -169,6 +174,8 @@ async def _run(args: argparse.Namespace) -> int:
     synth = Synthesizer(config, force=args.force, retry_failed=args.retry_failed)
     signals = _Signals(synth)
     async with synth:
+        if synth.metrics_url is not None:
+            print(f"metrics: {synth.metrics_url}", file=sys.stderr)
         display = ProgressDisplay(synth.progress, synth.endpoint_stats)
         try:
             async with asyncio.TaskGroup() as group:

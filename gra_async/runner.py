@@ -134,7 +134,7 @@ class Run:
     pipeline: Pipeline
 
     def stats(self) -> list[EndpointStats]:
-        return [s for pool in self.team.stats_pools() for s in pool.stats()]
+        return self.team.stats()
 
 
 @contextlib.asynccontextmanager
