@@ -167,6 +167,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from gra_async.pipeline import plan_size
     from gra_async.progress import ProgressDisplay
     from gra_async.synthesizer import Synthesizer
 
@@ -176,7 +177,9 @@ async def _run(args: argparse.Namespace) -> int:
     async with synth:
         if synth.metrics_url is not None:
             print(f"metrics: {synth.metrics_url}", file=sys.stderr)
-        display = ProgressDisplay(synth.progress, synth.endpoint_stats)
+        live = synth.live_config
+        display = ProgressDisplay(synth.progress, synth.endpoint_stats,
+                                  plan=plan_size(live) * live.run.rounds)
         try:
             async with asyncio.TaskGroup() as group:
                 refresh = group.create_task(display.refresh())
