@@ -114,14 +114,14 @@ class RunCollector(Collector):
         in_flight = GaugeMetricFamily("gra_in_flight", "Calls in flight now", labels=("endpoint",))
         window = GaugeMetricFamily("gra_concurrency_window", "Adaptive concurrency limit now in "
                                    "force (halved by a 429)", labels=("endpoint",))
-        for endpoint, roles in endpoints:
-            stats = endpoint.stats()
+        for member, roles in endpoints:
+            stats = member.stats()
             role = ",".join(roles)
             other = stats.failed - stats.rate_limited - stats.timeouts
             for outcome, n in (("rate_limited", stats.rate_limited), ("timeout", stats.timeouts),
                                ("error", other)):
                 calls.add_metric((role, stats.model, stats.label, outcome), n)
-            for reason, n in sorted(dict(endpoint.retry_reasons).items()):
+            for reason, n in sorted(dict(member.retry_reasons).items()):
                 retries.add_metric((stats.label, reason), n)
             in_flight.add_metric((stats.label,), stats.in_flight)
             window.add_metric((stats.label,), stats.window)

@@ -21,7 +21,6 @@ from gra_async.cli import main
 from gra_async.quality import interval_alpha, pairwise_correlation
 from gra_async.store import Journal, SampleRecord
 
-from .conftest import FakeServer
 from .test_pipeline import fixed_team, review, synthesize
 
 nan = np.nan

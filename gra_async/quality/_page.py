@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gra_async.errors import MissingDependency, RunDirError
 from gra_async.quality._data import RunData, load_run
@@ -115,7 +116,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> QualityR
     import matplotlib
 
     data = load_run(run_dir)
-    style = {"svg.hashsalt": "gra-async", "font.size": 9, "axes.spines.top": False,
+    style: dict[Any, Any] = {"svg.hashsalt": "gra-async", "font.size": 9, "axes.spines.top": False,
              "axes.spines.right": False, "axes.titleweight": "bold"}
     with matplotlib.rc_context(style):
         parts = sections(data)

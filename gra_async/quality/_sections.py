@@ -8,15 +8,21 @@ rates), so a figure's size does not grow with the number of samples.
 from __future__ import annotations
 
 import io
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from gra_async.quality._agreement import interval_alpha, pairwise_correlation
 from gra_async.quality._data import CHARS_PER_TOKEN, RunData
+
+if TYPE_CHECKING:  # matplotlib itself is imported when a figure is drawn (the report extra)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["Section", "sections"]
 
@@ -29,7 +35,7 @@ _ACCEPT, _REJECT, _ADJ = "#55a868", "#c44e52", "#8172b3"
 @dataclass(slots=True)
 class Table:
     header: Row
-    rows: list[Row]
+    rows: Sequence[Row]
 
 
 @dataclass(slots=True)
@@ -42,19 +48,22 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-def _svg(fig: object) -> bytes:
-    from matplotlib.figure import Figure
-
-    assert isinstance(fig, Figure)
+def _svg(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    fig.savefig(buffer, format="svg")  # constrained layout fits it: no second, "tight" draw
     return buffer.getvalue()
 
 
-def _figure(width: float, height: float) -> object:
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _bars_figure(bars: int, per_bar: float, base: float) -> tuple[Figure, Axes]:
+    """One axes of horizontal bars, as tall as its bars need."""
+    fig = _figure(11, base + per_bar * bars)
+    return fig, fig.add_subplot()
 
 
 def _pct(part: float, whole: float) -> str:
@@ -65,10 +74,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _barh(ax: object, counts: Counter[str], color: str, empty: str) -> None:
-    from matplotlib.axes import Axes
-
-    assert isinstance(ax, Axes)
+def _barh(ax: Axes, counts: Counter[str], color: str, empty: str) -> None:
     if not counts:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="#666")
         ax.set_xticks([])
@@ -99,11 +105,11 @@ def scores_section(data: RunData) -> Section:
     cols = min(3, max(n_criteria, 1))
     rows = -(-n_criteria // cols) + 1
     fig = _figure(11, 2.4 * rows)
-    grid = fig.add_gridspec(rows, cols)  # type: ignore[attr-defined]
+    grid = fig.add_gridspec(rows, cols)
     edges = np.arange(0.5, 11.5, 1.0)
     width = 0.8 / n_models
     for c, criterion in enumerate(data.criteria):
-        ax = fig.add_subplot(grid[c // cols, c % cols])  # type: ignore[attr-defined]
+        ax = fig.add_subplot(grid[c // cols, c % cols])
         for r, model in enumerate(data.reviewers):
             values = data.scores[:, r, c]
             values = values[~np.isnan(values)]
@@ -114,9 +120,9 @@ def scores_section(data: RunData) -> Section:
         ax.set_title(criterion, fontsize=10)
         ax.set_xticks(range(1, 11))
         ax.set_ylabel("share", fontsize=8)
-    ax = fig.add_subplot(grid[rows - 1, :])  # type: ignore[attr-defined]
+    ax = fig.add_subplot(grid[rows - 1, :])
     means = data.means
-    bins = np.linspace(1, 10, 37)
+    bins = np.linspace(1, 10, 37).tolist()
     stacks = [(means[data.accepted & ~np.isnan(means)], "accepted", _ACCEPT),
               (means[~data.accepted & ~np.isnan(means)], "not accepted", _REJECT)]
     ax.hist([s for s, _, _ in stacks], bins=bins, stacked=True,
@@ -127,8 +133,8 @@ def scores_section(data: RunData) -> Section:
     ax.set_xlabel("panel mean")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
-    handles, labels = fig.axes[0].get_legend_handles_labels()  # type: ignore[attr-defined]
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(n_models, 5),  # type: ignore[attr-defined]
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(n_models, 5),
                fontsize=8, title="reviewer model")
     section.figure = _svg(fig)
     header = ["reviewer model", "reviews", *data.criteria]
@@ -166,7 +172,7 @@ def agreement_section(data: RunData) -> Section:
     alphas = [interval_alpha(data.scores[:, :, c]) for c in range(len(data.criteria))]
     overall = interval_alpha(data.review_means)
     fig = _figure(11, 3.8)
-    left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])  # type: ignore[attr-defined]
+    left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
     k = len(data.reviewers)
     image = left.imshow(np.nan_to_num(corr, nan=0.0), vmin=-1, vmax=1, cmap="RdBu")
     left.set_xticks(range(k), [_short(m, 16) for m in data.reviewers], rotation=30, ha="right",
@@ -178,7 +184,7 @@ def agreement_section(data: RunData) -> Section:
             left.text(b, a, _fmt(corr[a, b]), ha="center", va="center", fontsize=8,
                       color="white" if dark else "black")
     left.set_title("correlation of per-sample means", fontsize=10)
-    fig.colorbar(image, ax=left, shrink=0.8)  # type: ignore[attr-defined]
+    fig.colorbar(image, ax=left, shrink=0.8)
     names = [*data.criteria, "panel mean"]
     values = [*alphas, overall]
     right.bar(range(len(names)), [v if v is not None else 0.0 for v in values],
@@ -219,8 +225,7 @@ def adjudicator_section(data: RunData) -> Section:
         section.notes.append("The adjudicator was never called in this run.")
         return section
     models = sorted(data.adjudications)
-    fig = _figure(8, 1.2 + 0.6 * len(models))
-    ax = fig.add_subplot()  # type: ignore[attr-defined]
+    fig, ax = _bars_figure(len(models), 0.6, 1.2)
     y = np.arange(len(models))
     for offset, key, color in ((-0.2, "called", _ADJ), (0.2, "overturned", _REJECT)):
         values = [data.adjudications[m][key] for m in models]
@@ -251,11 +256,12 @@ def outcomes_section(data: RunData) -> Section:
         return section
     bins = min(50, max(1, n // 20))
     edges = np.linspace(0, n, bins + 1).astype(int)
-    rates = [float(data.accepted[a:b].mean()) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    spans = [(a, b) for a, b in itertools.pairwise(edges.tolist()) if b > a]
+    rates = [float(data.accepted[a:b].mean()) for a, b in spans]
+    centers = [(a + b) / 2 for a, b in spans]
     fig = _figure(11, 6.2)
-    grid = fig.add_gridspec(2, 3)  # type: ignore[attr-defined]
-    ax = fig.add_subplot(grid[0, :])  # type: ignore[attr-defined]
+    grid = fig.add_gridspec(2, 3)
+    ax = fig.add_subplot(grid[0, :])
     ax.plot(centers, rates, marker="o", markersize=3, color=_ACCEPT)
     ax.axhline(float(data.accepted.mean()), color="#555", linestyle="--",
                label=f"overall {_pct(int(data.accepted.sum()), n)}")
@@ -267,7 +273,7 @@ def outcomes_section(data: RunData) -> Section:
             ("rejections by reason", data.rejections, _REJECT, "no rejections"),
             ("duplicates by kind", data.duplicates, _PALETTE[1], "no duplicates"),
             ("failures by kind", data.failures, _PALETTE[7], "no failures"))):
-        sub = fig.add_subplot(grid[1, col])  # type: ignore[attr-defined]
+        sub = fig.add_subplot(grid[1, col])
         _barh(sub, counts, color, empty)
         sub.set_title(title, fontsize=10)
     section.figure = _svg(fig)
@@ -301,8 +307,7 @@ def domains_section(data: RunData) -> Section:
     accepted_total = sum(c["accepted"] for c in data.domains.values())
     seed_total = sum(seeds.values())
     shown = names[:30]
-    fig = _figure(11, 1.2 + 0.32 * len(shown))
-    ax = fig.add_subplot()  # type: ignore[attr-defined]
+    fig, ax = _bars_figure(len(shown), 0.32, 1.2)
     y = np.arange(len(shown))[::-1]
     seed_share = [seeds.get(d, 0) / seed_total if seed_total else 0 for d in shown]
     acc_share = [data.domains.get(d, Counter())["accepted"] / accepted_total if accepted_total else 0
@@ -344,7 +349,7 @@ def lengths_section(data: RunData) -> Section:
         section.notes.append("No generated samples yet.")
         return section
     fig = _figure(11, 3.2)
-    axes = fig.subplots(1, 2)  # type: ignore[attr-defined]
+    axes = fig.subplots(1, 2)
     table = []
     for ax, name, values in ((axes[0], "instruction", data.instruction_tokens),
                              (axes[1], "response", data.response_tokens)):
@@ -374,8 +379,7 @@ def cost_section(data: RunData) -> Section:
         section.notes.append("No calls journaled yet.")
         return section
     labels = [f"{role} / {model}" for role, model, *_ in data.tokens]
-    fig = _figure(11, 1.2 + 0.45 * len(labels))
-    ax = fig.add_subplot()  # type: ignore[attr-defined]
+    fig, ax = _bars_figure(len(labels), 0.45, 1.2)
     y = np.arange(len(labels))[::-1]
     prompt = np.array([t_in or 0 for *_, t_in, _ in data.tokens], dtype=float)
     completion = np.array([t_out or 0 for *_, t_out in data.tokens], dtype=float)
@@ -410,8 +414,7 @@ def endpoints_section(data: RunData) -> Section:
         section.notes.append("No calls journaled yet.")
         return section
     names = sorted(data.endpoint_calls)
-    fig = _figure(11, 1.4 + 0.5 * len(names))
-    ax = fig.add_subplot()  # type: ignore[attr-defined]
+    fig, ax = _bars_figure(len(names), 0.5, 1.4)
     series = [np.asarray(data.endpoint_calls[n].latencies) for n in names]
     # Percentile boxes, not every point: the figure stays small at millions of calls.
     stats = []
