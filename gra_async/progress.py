@@ -140,11 +140,17 @@ def summary_table(progress: Progress, stats: Sequence[EndpointStats], plan: int 
     for role, model in keys:
         table.add_row(f"{role} / {model}", str(progress.tokens[(role, model, "in")]),
                       str(progress.tokens[(role, model, "out")]))
-    cost = progress.cost()
-    lines = [headline(progress, plan) + (f"  cost ${cost:.4f} this session" if cost is not None else "")]
-    lines += [f"failed x{n}: {kind}" for kind, n in progress.failures.most_common(5)]
-    table.caption = "\n".join(lines)
     return table
+
+
+def summary_lines(progress: Progress, width: int, plan: int = 0) -> list[str]:
+    """Under the summary table: the status line laid out in `width`, cost, top failures."""
+    lines = status_lines(progress, width, plan)
+    cost = progress.cost()
+    if cost is not None:
+        lines.append(f"cost ${cost:.4f} this session")
+    lines += [f"failed x{n}: {kind}" for kind, n in progress.failures.most_common(5)]
+    return lines
 
 
 class ProgressDisplay:
@@ -185,6 +191,7 @@ class ProgressDisplay:
                 print(headline(self.progress, self.plan), file=self.stream, flush=True)
 
     def final(self, summary: RunSummary) -> None:
-        table = summary_table(self.progress, self.stats(), self.plan)
-        table.caption = f"{table.caption}\n{summary.explain()}"
-        Console(file=self.stream).print(table)
+        console = Console(file=self.stream)
+        console.print(summary_table(self.progress, self.stats(), self.plan))
+        for line in [*summary_lines(self.progress, console.width, self.plan), summary.explain()]:
+            console.print(Text(line, no_wrap=True, overflow="ellipsis"))
