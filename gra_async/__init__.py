@@ -33,6 +33,7 @@ from gra_async.errors import (
     Interrupted,
     InvalidReply,
     MalformedResponse,
+    MissingDependency,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -50,6 +51,7 @@ from gra_async.errors import (
 
 if TYPE_CHECKING:
     from gra_async.pipeline import Draft
+    from gra_async.quality import QualityReport, write_report
     from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
     from gra_async.scoring import Decision, Panel, ScoredReview
     from gra_async.synthesizer import RunSummary, StopReason, Synthesizer, TokenUsage, run
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 # `gra-async status` and a script that only reads samples never need.
 _LAZY = {
     "Draft": "gra_async.pipeline",
+    **dict.fromkeys(("QualityReport", "write_report"), "gra_async.quality"),
     **dict.fromkeys(("Adjudication", "FailedReview", "Review", "Sample", "read_samples"),
                     "gra_async.samples"),
     **dict.fromkeys(("Decision", "Panel", "ScoredReview"), "gra_async.scoring"),
@@ -84,10 +87,12 @@ __all__ = [
     "Interrupted",
     "InvalidReply",
     "MalformedResponse",
+    "MissingDependency",
     "NotFoundError",
     "Panel",
     "PermissionDeniedError",
     "PlannerConfig",
+    "QualityReport",
     "RateLimitError",
     "RequestTimeout",
     "RetriesExhausted",
@@ -112,6 +117,7 @@ __all__ = [
     "load_config",
     "read_samples",
     "run",
+    "write_report",
 ]
 
 

@@ -1,4 +1,4 @@
-"""`gra-async run | status | export | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | status | export | report | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
     run.add_argument("--retry-failed", action="store_true",
                      help="plan again failed tasks whose endpoint failed them (not their replies)")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics while running")
+    run.add_argument("--metrics-host", metavar="HOST",
+                     help=f"address the metrics listen on (default {defaults.METRICS_HOST})")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
@@ -107,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
+
+    report = sub.add_parser("report", help="data-quality report: one self-contained HTML file "
+                                           "with figures (works while the run writes)")
+    report.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
+                        help=f"run directory (default {_DEFAULT_RUN_DIR})")
+    report.add_argument("--out", type=Path, help="output file (default RUN_DIR/report.html)")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
     prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
@@ -125,7 +135,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in (("run_dir", "run_dir"), ("target", "target"), ("roles", "roles"),
                       ("reviewers", "reviewers"), ("concurrency", "concurrency"),
                       ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
-                      ("max_tasks", "max_tasks")):
+                      ("max_tasks", "max_tasks"), ("metrics_port", "metrics_port"),
+                      ("metrics_host", "metrics_host")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value
@@ -156,6 +167,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from gra_async.pipeline import plan_size
     from gra_async.progress import ProgressDisplay
     from gra_async.synthesizer import Synthesizer
 
@@ -163,7 +175,11 @@ async def _run(args: argparse.Namespace) -> int:
     synth = Synthesizer(config, force=args.force, retry_failed=args.retry_failed)
     signals = _Signals(synth)
     async with synth:
-        display = ProgressDisplay(synth.progress, synth.endpoint_stats)
+        if synth.metrics_url is not None:
+            print(f"metrics: {synth.metrics_url}", file=sys.stderr)
+        live = synth.live_config
+        display = ProgressDisplay(synth.progress, synth.endpoint_stats,
+                                  plan=plan_size(live) * live.run.rounds)
         try:
             async with asyncio.TaskGroup() as group:
                 refresh = group.create_task(display.refresh())
@@ -234,6 +250,15 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    from gra_async.quality import write_report
+
+    written = write_report(args.run_dir, args.out)
+    print(f"wrote {written.path} ({written.samples} samples, {written.figures} figures, "
+          f"{written.seconds:.1f} s)")
+    return EXIT_OK
+
+
 def _prompts(args: argparse.Namespace) -> int:
     from gra_async.prompts import default_prompts_dir
 
@@ -300,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "prompts":
             return _prompts(args)
+        if args.command == "report":
+            return _report(args)
         return run_coroutine(_doctor(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -162,6 +162,9 @@ class RunSettings(_Strict):
     # No call completed for this long while tasks wait: stop (exit 75, resumable).
     # None: twice the longest read_timeout, at least 10 minutes.
     stall_timeout: float | None = Field(None, gt=0)
+    # Prometheus `/metrics` on this port while the run goes (0: any free port); None: off.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = defaults.METRICS_HOST  # another address exposes the metrics beyond this machine
 
 
 class RunConfig(_Strict):

@@ -45,3 +45,6 @@ GENERATION_TEMPERATURE = 0.8
 REVIEW_TEMPERATURE = 0.0
 RUN_SEED = 0
 GRACE_SECONDS = 10.0
+
+# Prometheus metrics (`run --metrics-port`): loopback only unless `--metrics-host` says otherwise.
+METRICS_HOST = "127.0.0.1"

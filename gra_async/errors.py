@@ -4,7 +4,8 @@
     ├── UserError                 the user's input is wrong
     │   ├── ConfigError           a config key, file, flag or environment variable
     │   ├── SeedError             a seeds file cannot be read (names file:line)
-    │   └── RunDirError           the run directory is unusable (read-only, full, config changed)
+    │   ├── RunDirError           the run directory is unusable (read-only, full, config changed)
+    │   └── MissingDependency     an optional dependency (an extra) is not installed
     ├── UsageError                the Python API was called where it cannot work
     ├── EndpointError             an endpoint gave no usable answer (.endpoint .status .message .request_id)
     │   ├── AuthenticationError       401: the key is wrong or missing
@@ -47,6 +48,7 @@ __all__ = [
     "Interrupted",
     "InvalidReply",
     "MalformedResponse",
+    "MissingDependency",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -99,6 +101,10 @@ class RunDirError(UserError):
             detail = exc.strerror if isinstance(exc, OSError) else text
             hint = f"{detail}; run the same command again to resume"
         return cls(f"{run_dir}: cannot write {what} ({hint})")
+
+
+class MissingDependency(UserError):
+    """An optional dependency (a `pip install 'gra-async[extra]'`) is not installed."""
 
 
 class UsageError(GraError):

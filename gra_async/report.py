@@ -42,7 +42,7 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         for kind, reason, n in reader.body_counts("failed", "failure", "reason"):
             failures[str(kind or failure_kind(str(reason or "?")))] += n
         decisions = {str(decision): n for decision, n in reader.body_counts("rejected", "decision")}
-        span = reader.time_span()
+        sessions = reader.session_spans()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
         endpoints = orjson.loads(reader.meta("endpoints") or "[]")
@@ -50,12 +50,14 @@ def status_report(run_dir: Path) -> dict[str, Any]:
                      int(reader.meta("abandoned_tokens") or 0))
     finally:
         reader.close()
-    rate = None
-    if span is not None and span[1] > span[0]:
-        rate = counts["accepted"] / (span[1] - span[0])
+    # Seconds the sessions ran (start to last call), not the hours between them.
+    active = sum(last - start for start, last in sessions)
+    rate = counts["accepted"] / active if active > 0 else None
     left = max(target - counts["accepted"], 0)
     return {
-        "planned": max(plan - finished - in_progress, counts["planned"]),
+        # The plan's tasks not finished yet, those in progress included (README: `planned`):
+        # only a finished task lowers it, so it never moves up during a run.
+        "planned": max(plan - finished, counts["planned"] + in_progress),
         "accepted": counts["accepted"],
         "rejected": counts["rejected"],
         "failed": counts["failed"],
@@ -80,6 +82,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
                             for key, n in (((role, model, "in"), t_in or 0),
                                            ((role, model, "out"), t_out or 0))}, prices),
         "accepted_per_second": rate,
+        "sessions": len(sessions),
+        "active_seconds": active,
         "eta_seconds": (left / rate) if rate else None,
         "updated": time.time(),
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -32,7 +33,7 @@ log = logging.getLogger("gra_async")
 
 # Run settings that change how a run goes, not what it produces: a resume may change them.
 _OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks",
-                "stall_timeout")
+                "stall_timeout", "metrics_port", "metrics_host")
 
 
 def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str, Any]:
@@ -133,7 +134,7 @@ class Run:
     pipeline: Pipeline
 
     def stats(self) -> list[EndpointStats]:
-        return [s for pool in self.team.stats_pools() for s in pool.stats()]
+        return self.team.stats()
 
 
 @contextlib.asynccontextmanager
@@ -176,7 +177,10 @@ async def open_run(
         pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
                             gate=gate)
         pipeline.resume_state()
+        # Session starts: `status` rates count the time sessions ran, not the gaps between them.
+        sessions = [*orjson.loads(journal.meta("sessions") or "[]"), time.time()]
         journal.start()
+        journal.set_meta("sessions", orjson.dumps(sessions).decode())
         journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
         journal.set_meta("target", str(config.run.target))
         journal.set_meta("prices", orjson.dumps(team.prices).decode())

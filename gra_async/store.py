@@ -242,6 +242,15 @@ class JournalReader:
         """Samples in plan order; of earlier rounds only, or missing from the dedup index."""
         return _samples(self._conn, states, before_round, unindexed)
 
+    def samples_by_id(self, task_ids: list[str]) -> Iterator[SampleRecord]:
+        """The samples with these ids (at most a few hundred at a time: one query)."""
+        rows = self._conn.execute(
+            "SELECT task_id, round, idx, state, domain, seed_ids, body FROM samples "
+            f"WHERE task_id IN ({','.join('?' * len(task_ids))})", task_ids)
+        for task_id, rnd, idx, state, domain, seed_ids, body in rows:
+            yield SampleRecord(task_id, rnd, idx, state, domain,
+                               tuple(orjson.loads(seed_ids)), orjson.loads(body))
+
     def fingerprints(self) -> Iterator[tuple[str, int, bytes]]:
         """(task id, digest, buckets) of every dedup fingerprint, in the order committed."""
         rows = self._conn.execute("SELECT task_id, digest, buckets FROM dedup_keys ORDER BY rowid")
@@ -255,6 +264,32 @@ class JournalReader:
     def time_span(self) -> tuple[float, float] | None:
         row = self._conn.execute("SELECT min(created), max(created) FROM calls").fetchone()
         return None if row is None or row[0] is None else (float(row[0]), float(row[1]))
+
+    def calls_after(self, rowid: int, limit: int = 4096) -> list[tuple[Any, ...]]:
+        """(rowid, role, model, endpoint, prompt tokens, completion tokens, latency, attempts)
+        of the calls committed after `rowid`, oldest first. Calls are only ever inserted,
+        so a reader that remembers the last rowid it saw reads each call once."""
+        return self._conn.execute(
+            "SELECT rowid, role, model, endpoint, prompt_tokens, completion_tokens, latency, "
+            "attempts FROM calls WHERE rowid > ? ORDER BY rowid LIMIT ?", (rowid, limit)).fetchall()
+
+    def session_spans(self) -> list[tuple[float, float]]:
+        """(start, last call) of each session that made calls, from the session starts the
+        runs recorded (meta `sessions`). Calls from before the first recorded start (a
+        journal of an older version) count as one session of their own."""
+        starts = sorted(float(s) for s in orjson.loads(self.meta("sessions") or "[]"))
+        first = self.time_span()
+        if first is None:
+            return []
+        if not starts or starts[0] > first[0]:
+            starts.insert(0, first[0])
+        # One scan gives every session its calls' span: each call falls in the session
+        # whose start is the latest one before it.
+        case = " ".join(f"WHEN created >= {start!r} THEN {i}" for i, start in reversed(
+            list(enumerate(starts))))
+        rows = self._conn.execute(
+            f"SELECT CASE {case} ELSE 0 END AS session, max(created) FROM calls GROUP BY session")
+        return sorted((starts[i], float(last)) for i, last in rows)
 
 
 _Op = tuple[str, tuple[Any, ...]]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gra_async._concurrency import run_coroutine
 from gra_async.client import EndpointStats, Transport
@@ -24,6 +24,9 @@ from gra_async.errors import UsageError
 from gra_async.pipeline import Filter, Gate, Progress
 from gra_async.runner import Run, open_run
 from gra_async.store import JournalReader
+
+if TYPE_CHECKING:
+    from gra_async.metrics import MetricsServer
 
 __all__ = ["RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"]
 
@@ -121,14 +124,25 @@ class Synthesizer:
         self._run: Run | None = None
         self._ran = False
         self._pending_stop: float | None = None
+        self._metrics: MetricsServer | None = None
 
     async def __aenter__(self) -> Synthesizer:
         if self._stack is not None:
             raise UsageError("this Synthesizer is open already")
         stack = contextlib.AsyncExitStack()
-        self._run = await stack.enter_async_context(open_run(
-            self.config, force=self._force, filters=self._filters, gate=self._gate,
-            retry_failed=self._retry_failed, transport=self._transport))
+        try:
+            self._run = await stack.enter_async_context(open_run(
+                self.config, force=self._force, filters=self._filters, gate=self._gate,
+                retry_failed=self._retry_failed, transport=self._transport))
+            settings = self.config.run
+            if settings.metrics_port is not None:
+                from gra_async.metrics import MetricsServer
+
+                self._metrics = MetricsServer(self._run, settings.metrics_host, settings.metrics_port)
+                stack.callback(self._close_metrics)
+        except BaseException:
+            await stack.aclose()
+            raise
         self._stack = stack
         return self
 
@@ -144,6 +158,16 @@ class Synthesizer:
     def live_config(self) -> RunConfig:
         """The config the run uses: with the embedded default's endpoints, when it is used."""
         return self._opened().config
+
+    def _close_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where Prometheus scrapes this run (`run.metrics_port`), or None without metrics."""
+        return None if self._metrics is None else self._metrics.url
 
     @property
     def progress(self) -> Progress:

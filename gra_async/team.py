@@ -10,12 +10,13 @@ resumed run gives every task the same team it had.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
 
 from gra_async._concurrency import first_error
-from gra_async.client import Endpoint, EndpointPool, RetryPolicy, Transport, probe
+from gra_async.client import Endpoint, EndpointPool, EndpointStats, RetryPolicy, Transport, probe
 from gra_async.config import ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
 
@@ -82,6 +83,20 @@ class Team:
     def stats_pools(self) -> list[EndpointPool]:
         """Each distinct pool once (rotate shares one)."""
         return list({id(p): p for p in self.pools.values()}.values())
+
+    def endpoints(self) -> list[tuple[Endpoint, tuple[Role, ...]]]:
+        """Each endpoint once, with the roles it serves: one server may play several
+        (the embedded default's replicas serve all three)."""
+        found: dict[int, tuple[Endpoint, list[Role]]] = {}
+        for role, pool in self.pools.items():
+            for endpoint in pool.endpoints:
+                found.setdefault(id(endpoint), (endpoint, []))[1].append(role)
+        return [(endpoint, tuple(roles)) for endpoint, roles in found.values()]
+
+    def stats(self) -> list[EndpointStats]:
+        """A snapshot of each endpoint once, its roles filled in."""
+        return [dataclasses.replace(endpoint.stats(), roles=roles)
+                for endpoint, roles in self.endpoints()]
 
 
 def _distinct(configs: list[EndpointConfig]) -> list[EndpointConfig]:

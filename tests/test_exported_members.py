@@ -21,10 +21,12 @@ EXPORTED = [
     "Interrupted",
     "InvalidReply",
     "MalformedResponse",
+    "MissingDependency",
     "NotFoundError",
     "Panel",
     "PermissionDeniedError",
     "PlannerConfig",
+    "QualityReport",
     "RateLimitError",
     "RequestTimeout",
     "RetriesExhausted",
@@ -49,6 +51,7 @@ EXPORTED = [
     "load_config",
     "read_samples",
     "run",
+    "write_report",
 ]
 
 

@@ -56,6 +56,7 @@ class EndpointStats:
     last_error: str = ""  # the latest failure since the last success
     abandoned: int = 0  # calls cancelled while in flight (target reached, stop)
     abandoned_tokens: int = 0  # their estimated tokens: prompt plus the whole completion budget
+    roles: tuple[str, ...] = ()  # the roles it serves in this run (filled in by the team)
 
     @property
     def healthy(self) -> bool:

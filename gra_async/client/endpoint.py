@@ -24,7 +24,7 @@ from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client._window import ConcurrencyWindow
-from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration
+from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration, retry_reason
 from gra_async.config import EndpointConfig
 from gra_async.errors import (
     EndpointError,
@@ -116,6 +116,7 @@ class Endpoint:
         self.in_flight = 0
         self._requests = self._succeeded = self._failed = 0
         self.retries = 0
+        self.retry_reasons: dict[str, int] = {}  # retries by `retry.retry_reason`, for metrics
         self._rate_limited = 0
         self._tokens_in = self._tokens_out = 0
         self._latency_total = 0.0
@@ -315,6 +316,12 @@ class Endpoint:
             self.next_probe = self._clock() + self.config.cooldown
         elif self.open_error is not None:
             self.open_error = error  # the probe failed: the latest reason is the one to show
+
+    def retried(self, error: TransientError) -> None:
+        """A failed attempt is tried again (the pool's decision): counted by its reason."""
+        self.retries += 1
+        reason = retry_reason(error)
+        self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + 1
 
     def abandoned(self, request: ChatRequest) -> None:
         self._abandoned += 1

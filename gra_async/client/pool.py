@@ -77,7 +77,7 @@ class EndpointPool:
                     raise RetriesExhausted(
                         f"{error} (gave up after {attempt + 1} attempts)", last=error
                     ) from None
-                endpoint.retries += 1
+                endpoint.retried(error)
                 await asyncio.sleep(self._policy.delay(attempt, error))
                 attempt += 1
                 continue

@@ -21,16 +21,20 @@ from gra_async import defaults
 from gra_async.errors import (
     AuthenticationError,
     BadRequestError,
+    ConnectionFailed,
     EndpointError,
     GraError,
+    MalformedResponse,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RequestTimeout,
     ServerError,
     TransientError,
 )
 
-__all__ = ["GATEWAY_PREFIXES", "RetryPolicy", "error_for_status", "parse_duration", "retry_after"]
+__all__ = ["GATEWAY_PREFIXES", "RetryPolicy", "error_for_status", "parse_duration", "retry_after",
+           "retry_reason"]
 
 # Gateways forward their upstream's wait and rate-limit headers under a prefix
 # (LiteLLM: `llm_provider-retry-after`, `llm_provider-x-ratelimit-reset-requests`).
@@ -55,6 +59,16 @@ class RetryPolicy:
             return min(max(error.retry_after, 0.0), self.retry_after_cap)
         ceiling = min(self.backoff_max, self.backoff_base * (2.0**attempt))
         return self.rng.uniform(0.0, ceiling)
+
+
+def retry_reason(error: TransientError) -> str:
+    """Why a call was retried, as the metrics label it (`gra_retries_total{reason}`)."""
+    for kind, reason in ((RateLimitError, "rate_limited"), (RequestTimeout, "timeout"),
+                         (ServerError, "server_error"), (ConnectionFailed, "connection"),
+                         (MalformedResponse, "malformed")):
+        if isinstance(error, kind):
+            return reason
+    return "other"
 
 
 def parse_duration(value: str) -> float | None:

@@ -163,7 +163,7 @@ class Pipeline:
         return self.progress
 
     def _record_abandoned(self) -> None:
-        stats = [s for pool in self.team.stats_pools() for s in pool.stats()]
+        stats = self.team.stats()
         calls = self._abandoned_before + sum(s.abandoned for s in stats)
         tokens = self._abandoned_tokens_before + sum(s.abandoned_tokens for s in stats)
         with contextlib.suppress(GraError):  # a journal that failed says so on close
@@ -173,11 +173,11 @@ class Pipeline:
 
     def _record_endpoints(self) -> None:
         """This session's endpoint statistics, for `status` (which reads only the journal)."""
-        rows = [{"endpoint": s.label, "health": s.health, "in_flight": s.in_flight,
-                 "succeeded": s.succeeded, "failed": s.failed, "retries": s.retries,
-                 "rate_limited": s.rate_limited, "timeouts": s.timeouts,
+        rows = [{"endpoint": s.label, "roles": list(s.roles), "health": s.health,
+                 "in_flight": s.in_flight, "succeeded": s.succeeded, "failed": s.failed,
+                 "retries": s.retries, "rate_limited": s.rate_limited, "timeouts": s.timeouts,
                  "latency_mean": round(s.latency_mean, 4), "last_error": s.last_error}
-                for pool in self.team.stats_pools() for s in pool.stats()]
+                for s in self.team.stats()]
         with contextlib.suppress(GraError):
             self.journal.set_meta("endpoints", orjson.dumps(rows).decode())
 
@@ -261,7 +261,7 @@ class Pipeline:
                 states = "; ".join(
                     f"{s.label}: {s.health}" + (f" ({s.last_error})" if s.last_error else "")
                     + (f", {s.timeouts} timeouts" if s.timeouts else "")
-                    for p in self.team.stats_pools() for s in p.stats())
+                    for s in self.team.stats())
                 raise Stalled(f"stalled: no call completed for {idle:.0f} s with {self._running} "
                               f"tasks waiting ({states}); run the same command again to resume")
 
