@@ -31,6 +31,7 @@ from gra_async.errors import (
     UsageError,
     UserError,
 )
+from gra_async.formats import FORMATS, default_name
 
 if TYPE_CHECKING:
     from gra_async.synthesizer import Synthesizer
@@ -104,9 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write accepted samples with full provenance")
     export.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
                         help=f"run directory (default {_DEFAULT_RUN_DIR})")
-    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
-    export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
+    export.add_argument("--format", choices=list(FORMATS), default="jsonl",
+                        help="jsonl|parquet: every provenance field; alpaca|sharegpt|openai: "
+                             "training files; hf: a datasets.load_from_disk folder with a card")
+    export.add_argument("--out", type=Path,
+                        help="output file, or folder for hf (default RUN_DIR/samples.FORMAT; "
+                             "a .json name writes one JSON array, any other JSON Lines)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
+    export.add_argument("--with-provenance", action="store_true",
+                        help="training formats: keep the review, gate and model fields too")
+    export.add_argument("--llamafactory", action="store_true",
+                        help="add this export to the dataset_info.json beside it (LLaMA-Factory)")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
     prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
@@ -228,9 +237,12 @@ def _status(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gra_async.report import export
 
-    out = args.out or args.run_dir / f"samples.{args.format}"
-    count, summary = export(args.run_dir, out, args.format, include_all=args.all)
-    print(f"wrote {count} samples to {out}; summary in {summary}")
+    out = args.out or args.run_dir / default_name(args.format)
+    count, summary = export(args.run_dir, out, args.format, include_all=args.all,
+                            with_provenance=args.with_provenance, llamafactory=args.llamafactory)
+    print(f"wrote {count} samples to {out}; summary in {summary}"
+          + (f"; LLaMA-Factory entry in {out.with_name('dataset_info.json')}"
+             if args.llamafactory else ""))
     return EXIT_OK
 
 
