@@ -1,4 +1,4 @@
-"""`gra-async run | status | export | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | status | export | regate | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from gra_async import defaults
 from gra_async._concurrency import first_error, run_coroutine
-from gra_async.config import RunConfig, load_config, parse_endpoint_flag
+from gra_async.config import ROLES, EndpointConfig, RunConfig, load_config, parse_endpoint_flag
 from gra_async.errors import (
     ConfigError,
     EndpointError,
     GraError,
     Interrupted,
+    RetriesExhausted,
     Stalled,
     TransientError,
     UsageError,
@@ -116,6 +117,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="training formats: keep the review, gate and model fields too")
     export.add_argument("--llamafactory", action="store_true",
                         help="add this export to the dataset_info.json beside it (LLaMA-Factory)")
+
+    regate = sub.add_parser("regate", help="decide a run's samples again under another gate, "
+                                           "from its journaled reviews, into a new run directory")
+    regate.add_argument("--run-dir", type=Path, required=True, help="the run to re-gate (only read)")
+    regate.add_argument("--out-run-dir", type=Path, required=True, help="the new run directory")
+    regate.add_argument("--accept-mean", type=float, metavar="X", help="new gate.accept_mean")
+    regate.add_argument("--disagreement-std", type=float, metavar="Y",
+                        help="new gate.disagreement_std")
+    regate.add_argument("--no-adjudicator", action="store_true",
+                        help="disagreement is settled by the mean: no adjudicator call")
+    regate.add_argument("--config", type=Path, help="TOML config whose adjudicator endpoints "
+                        "serve samples that become disputed without a journaled verdict")
+    regate.add_argument("--endpoint", action="append", default=[], metavar="adjudicator=[MODEL@]URL")
+    regate.add_argument("--api-key-env", metavar="VAR")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
     prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
@@ -246,6 +261,28 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _regate(args: argparse.Namespace) -> int:
+    from gra_async.regate import regate_async
+
+    endpoints: list[EndpointConfig] = []
+    if args.config is not None or args.endpoint:
+        config = _config(args)
+        # In rotate every model may adjudicate (never its own sample: regate sees to that).
+        roles = ROLES if config.run.roles == "rotate" else ("adjudicator",)
+        endpoints = [e for role in roles for e in config.endpoints.get(role, ())]
+    try:
+        summary = await regate_async(
+            args.run_dir, args.out_run_dir, accept_mean=args.accept_mean,
+            disagreement_std=args.disagreement_std,
+            adjudicator=False if args.no_adjudicator else None, endpoints=endpoints)
+    except RetriesExhausted as exc:
+        print(f"error: regate: {exc}; run the same command again to resume (paid "
+              "adjudications are kept)", file=sys.stderr)
+        return EXIT_SHORT
+    print(summary.explain())
+    return EXIT_OK
+
+
 def _prompts(args: argparse.Namespace) -> int:
     from gra_async.prompts import default_prompts_dir
 
@@ -310,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "regate":
+            return run_coroutine(_regate(args))
         if args.command == "prompts":
             return _prompts(args)
         return run_coroutine(_doctor(args))

@@ -280,7 +280,7 @@ def _write_hf(rows: Iterable[dict[str, Any]], folder: Path, schema: pa.Schema) -
             writer.write_batch(batch)
             digest.update(orjson.dumps([r.get("instruction") for r in chunk]))
             written += len(chunk)
-    state = {"_data_files": [{"filename": data}], "_fingerprint": digest.hexdigest()[:16],
+    state: dict[str, Any] = {"_data_files": [{"filename": data}], "_fingerprint": digest.hexdigest()[:16],
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
              "_output_all_columns": False, "_split": None}
     info = {"citation": "", "description": "Samples synthesized by gra-async (GRA method)",

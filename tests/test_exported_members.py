@@ -26,6 +26,7 @@ EXPORTED = [
     "PermissionDeniedError",
     "PlannerConfig",
     "RateLimitError",
+    "RegateSummary",
     "RequestTimeout",
     "RetriesExhausted",
     "Review",
@@ -48,6 +49,8 @@ EXPORTED = [
     "__version__",
     "load_config",
     "read_samples",
+    "regate",
+    "regate_async",
     "run",
 ]
 

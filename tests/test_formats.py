@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -109,7 +110,7 @@ class TestTrainingFormats:
         full = json.loads(export_to(run_dir, "sharegpt", tmp_path / "f.jsonl", "--with-provenance")
                           .read_text().splitlines()[0])
         assert set(plain) == {"conversations"}
-        assert PROVENANCE <= set(full) and full["conversations"] == plain["conversations"]
+        assert set(full) >= PROVENANCE and full["conversations"] == plain["conversations"]
         assert full["reviews"][0]["feedback"] == "clear and right"
 
     def test_entry_joins_an_existing_dataset_info(self, run_dir: Path, tmp_path: Path) -> None:
@@ -138,7 +139,7 @@ class TestHuggingFace:
         export_to(run_dir, "hf", tmp_path / "ds")
         folder = export_to(run_dir, "hf", tmp_path / "ds", "--with-provenance")  # replaces it
         dataset = datasets.load_from_disk(str(folder))
-        assert PROVENANCE <= set(dataset.column_names)
+        assert set(dataset.column_names) >= PROVENANCE
         assert dataset[0]["reviews"][0]["scores"] == dict.fromkeys(CRITERIA, 9)
         assert not list(tmp_path.glob("ds.*"))  # no temporary folder left behind
         assert json.loads((folder / "summary.json").read_text())["samples"] == 5
