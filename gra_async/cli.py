@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--roles", choices=["fixed", "rotate"], help="role assignment (default fixed)")
     run.add_argument("--reviewers", type=int, metavar="N", help="review panel size per sample (0 = no review; default all)")
     run.add_argument("--no-adjudicator", action="store_true", help="ablation: disagreement is settled by the mean")
+    run.add_argument("--no-metadata", action="store_true",
+                     help="no keywords/summary call per accepted sample (metadata.enabled = false)")
     run.add_argument("--concurrency", type=int, metavar="N",
                      help=f"model calls in flight across the run (default {defaults.RUN_CONCURRENCY})")
     run.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
@@ -133,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     regate.add_argument("--api-key-env", metavar="VAR")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
-    prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
+    prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the templates to")
     prompts.add_argument("--force", action="store_true", help="overwrite templates already there")
 
     doctor = sub.add_parser("doctor", help="probe every endpoint: reachable, key, model, JSON output")
@@ -158,6 +160,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["planner"] = {"seeds": args.seeds}
     if getattr(args, "no_adjudicator", False):
         out["gate"] = {"adjudicator": False}
+    if getattr(args, "no_metadata", False):
+        out["metadata"] = {"enabled": False}
     endpoints: dict[str, list[dict[str, Any]]] = {}
     for text in args.endpoint:
         role, fields = parse_endpoint_flag(text)

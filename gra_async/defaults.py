@@ -45,3 +45,8 @@ GENERATION_TEMPERATURE = 0.8
 REVIEW_TEMPERATURE = 0.0
 RUN_SEED = 0
 GRACE_SECONDS = 10.0
+
+# Per-sample metadata (README: Metadata): keywords asked for, and what "one line" allows.
+METADATA_KEYWORDS = 5
+METADATA_MAX_TOKENS = 160
+SUMMARY_MAX_CHARS = 300

@@ -117,6 +117,7 @@ def sample_schema(criteria: Sequence[str]) -> pa.Schema:
         ("tokens", integer), ("round", integer),
         ("failed_reviews", pa.list_(pa.struct([("model", string), ("error", string)]))),
         ("duplicate_of", string), ("reason", string),
+        ("keywords", pa.list_(string)), ("summary", string),
     ])
 
 
