@@ -50,7 +50,7 @@ from gra_async.errors import (
 
 if TYPE_CHECKING:
     from gra_async.pipeline import Draft
-    from gra_async.regate import RegateSummary, regate, regate_async
+    from gra_async.regating import RegateSummary, regate, regate_async
     from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
     from gra_async.scoring import Decision, Panel, ScoredReview
     from gra_async.synthesizer import RunSummary, StopReason, Synthesizer, TokenUsage, run
@@ -62,7 +62,7 @@ _LAZY = {
     **dict.fromkeys(("Adjudication", "FailedReview", "Review", "Sample", "read_samples"),
                     "gra_async.samples"),
     **dict.fromkeys(("Decision", "Panel", "ScoredReview"), "gra_async.scoring"),
-    **dict.fromkeys(("RegateSummary", "regate", "regate_async"), "gra_async.regate"),
+    **dict.fromkeys(("RegateSummary", "regate", "regate_async"), "gra_async.regating"),
     **dict.fromkeys(("RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"),
                     "gra_async.synthesizer"),
 }

@@ -266,7 +266,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 async def _regate(args: argparse.Namespace) -> int:
-    from gra_async.regate import regate_async
+    from gra_async.regating import regate_async
 
     endpoints: list[EndpointConfig] = []
     if args.config is not None or args.endpoint:
