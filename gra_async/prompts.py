@@ -150,10 +150,12 @@ def _criteria_line(criteria: Sequence[str]) -> str:
 
 
 def _score_format(criteria: Sequence[str]) -> str:
-    # Placeholders, not sample numbers: there is no score a small model could copy
-    # instead of giving its own (structured output still forces real integers).
-    scores = ", ".join(f'"{name}": <1-10>' for name in criteria)
-    return f'{{"scores": {{{scores}}}, "feedback": "<one or two sentences>"}}'
+    # The keys alone, no value to fill in: SmolLM2-135M handed back 11 of 12 times a shape
+    # with "<1-10>" and "<one or two sentences>" in it verbatim. The schema makes the
+    # structure; the words say what goes in it.
+    return (f'a JSON object with "scores" (an object giving each of {", ".join(criteria)} '
+            'a whole number from 1 to 10) and "feedback" (one or two sentences of your own '
+            "on what is right or wrong in the response)")
 
 
 def _examples_block(examples: Sequence[Seed]) -> str:
