@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on http://HOST:PORT/metrics while running")
     run.add_argument("--metrics-host", metavar="HOST",
                      help=f"address the metrics listen on (default {defaults.METRICS_HOST})")
+    run.add_argument("--max-cost", type=float, metavar="USD",
+                     help="stop before the spend at the endpoints' prices passes this (exit 3)")
+    run.add_argument("--mode", choices=["online", "batch"],
+                     help="online calls, or waves through the provider's Batch API (default online)")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
@@ -136,7 +140,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                       ("reviewers", "reviewers"), ("concurrency", "concurrency"),
                       ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
                       ("max_tasks", "max_tasks"), ("metrics_port", "metrics_port"),
-                      ("metrics_host", "metrics_host")):
+                      ("metrics_host", "metrics_host"), ("max_cost", "max_cost"),
+                      ("mode", "mode")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value

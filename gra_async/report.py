@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gra_async.accounting import failure_kind, token_cost
+from gra_async.accounting import failure_kind, spend
 from gra_async.errors import RunDirError
 from gra_async.store import TERMINAL_STATES, JournalReader, SampleRecord
 
@@ -45,6 +45,10 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         sessions = reader.session_spans()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
+        batched = {m: (float(a), float(b))
+                   for m, (a, b) in orjson.loads(reader.meta("batch_prices") or "{}").items()}
+        spent = spend(reader.spend_rows(), prices, batched)
+        budget = orjson.loads(reader.meta("budget") or "null")
         endpoints = orjson.loads(reader.meta("endpoints") or "[]")
         abandoned = (int(reader.meta("abandoned_calls") or 0),
                      int(reader.meta("abandoned_tokens") or 0))
@@ -78,9 +82,9 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         # finished and billed them; their tokens are estimated (prompt + completion budget).
         "abandoned_calls": abandoned[0],
         "abandoned_tokens": abandoned[1],
-        "cost": token_cost({key: n for role, model, _, t_in, t_out in totals
-                            for key, n in (((role, model, "in"), t_in or 0),
-                                           ((role, model, "out"), t_out or 0))}, prices),
+        # Batch replies at their discounted price; None when no price is configured.
+        "cost": spent if any(a or b for a, b in prices.values()) else None,
+        "budget": budget,  # run.max_cost of the latest session; None: none
         "accepted_per_second": rate,
         "sessions": len(sessions),
         "active_seconds": active,
@@ -110,7 +114,8 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"  abandoned in flight: {report['abandoned_calls']} calls "
                      f"(~{report['abandoned_tokens']} tokens a server may still bill)")
     if report["cost"] is not None:
-        lines.append(f"  cost ${report['cost']:.4f} at the configured prices")
+        budget = f" of a ${report['budget']:.4f} budget" if report.get("budget") else ""
+        lines.append(f"  cost ${report['cost']:.4f} at the configured prices{budget}")
     for reason, n in report["failures"].items():
         lines.append(f"  failed x{n}: {reason}")
     return "\n".join(lines)

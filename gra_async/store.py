@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from gra_async._sqlite import transaction
+from gra_async.accounting import BATCH_ENDPOINT_SUFFIX
 from gra_async.errors import RunDirError
 
 __all__ = [
@@ -182,6 +183,14 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
+def _spend_rows(conn: sqlite3.Connection) -> list[tuple[str, bool, int, int]]:
+    """(model, from a batch?, prompt tokens, completion tokens) over every journaled call."""
+    rows = conn.execute(
+        "SELECT model, endpoint LIKE '%' || ?, sum(prompt_tokens), sum(completion_tokens) "
+        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,))
+    return [(str(m), bool(b), int(t_in or 0), int(t_out or 0)) for m, b, t_in, t_out in rows]
+
+
 def _samples(
     conn: sqlite3.Connection, states: tuple[str, ...], before_round: int | None = None,
     unindexed: bool = False,
@@ -227,6 +236,10 @@ class JournalReader:
             "SELECT role, model, count(*), sum(prompt_tokens), sum(completion_tokens) "
             "FROM calls GROUP BY role, model ORDER BY role, model"
         ))
+
+    def spend_rows(self) -> list[tuple[str, bool, int, int]]:
+        """(model, from a batch?, prompt tokens, completion tokens): what spend is priced on."""
+        return _spend_rows(self._conn)
 
     def body_counts(self, state: str, *fields: str) -> list[tuple[Any, ...]]:
         """(values of `fields` in the body, count) over the samples in `state`, counted by
@@ -358,6 +371,11 @@ class Journal:
 
     def state_counts(self) -> dict[str, int]:
         return _state_counts(self._conn)
+
+    def spend_rows(self) -> list[tuple[str, bool, int, int]]:
+        """What earlier sessions spent, as tokens per model (call before `start`)."""
+        assert not self._thread.is_alive(), "Journal.spend_rows() after start()"
+        return _spend_rows(self._conn)
 
     def meta(self, key: str) -> str | None:
         """A meta value as committed; call before `start` (the writer owns the connection after)."""

@@ -16,6 +16,7 @@ from typing import TypeVar
 from gra_async.client import ChatRequest
 from gra_async.config import Role, RunConfig
 from gra_async.errors import InvalidReply, TaskFailed
+from gra_async.pipeline._budget import Budget
 from gra_async.pipeline._progress import Progress
 from gra_async.planner import Task
 from gra_async.scoring import generation_schema, response_format, review_schema, verdict_schema
@@ -29,8 +30,11 @@ Messages = list[dict[str, str]]
 
 
 class Caller:
-    def __init__(self, config: RunConfig, team: Team, journal: Journal, progress: Progress) -> None:
+    def __init__(
+        self, config: RunConfig, team: Team, journal: Journal, progress: Progress, budget: Budget,
+    ) -> None:
         self._config = config
+        self.budget = budget
         self._team = team
         self._journal = journal
         self._progress = progress
@@ -107,7 +111,15 @@ class Caller:
         request = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
                               response_format=fmt)
         async with self._slots:
-            reply = await self._team.pools[role].chat(request, model=model)
+            # Held once the call has its slot: calls queued behind the run's concurrency
+            # are not in flight yet and must not starve the budget of the ones that are.
+            held = await self.budget.reserve(model, request)
+            try:
+                reply = await self._team.pools[role].chat(request, model=model)
+            except BaseException:
+                self.budget.release(held)
+                raise
+        self.budget.settle(held, reply.prompt_tokens, reply.completion_tokens)
         self._progress.last_activity = time.monotonic()
         record = CallRecord(key, task.id, role, model, reply.endpoint, reply.content,
                             reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,

@@ -22,7 +22,7 @@ import orjson
 
 from gra_async import defaults
 from gra_async._concurrency import first_error, thread_until_done
-from gra_async.accounting import failure_kind
+from gra_async.accounting import failure_kind, spend
 from gra_async.config import RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.errors import (
@@ -33,6 +33,7 @@ from gra_async.errors import (
     TaskFailed,
     TaskParked,
 )
+from gra_async.pipeline._budget import Budget, OverBudget
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import SampleBody, sample_record
@@ -81,7 +82,8 @@ class Pipeline:
         self.journal = journal
         self.dedup = dedup
         self.progress = Progress(target=config.run.target, prices=dict(team.prices))
-        self._caller = Caller(config, team, journal, self.progress)
+        self.budget = Budget(config.run.max_cost, team.prices)
+        self._caller = Caller(config, team, journal, self.progress, self.budget)
         self._steps = TaskSteps(config, team, prompts, planner, journal, self._caller,
                                 self.progress, self._dedup_index, filters=filters, gate=gate)
         self._finished = FinishedTasks()
@@ -119,6 +121,9 @@ class Pipeline:
         progress.accepted_at_start = progress.accepted
         progress.failed_at_start = progress.failed
         progress.finished_at_start = len(self._finished)
+        spent = spend(self.journal.spend_rows(), self.team.prices, self.team.batch_prices)
+        self.budget = Budget(self.config.run.max_cost, self.team.prices, spent=spent)
+        self._caller.budget = self.budget
         # Calls cut off in flight by earlier sessions: counted at their end, and one per
         # task that a kill -9 left mid-way (at least one call was in flight there).
         self._abandoned_before = (int(self.journal.meta("abandoned_calls") or 0)
@@ -307,6 +312,15 @@ class Pipeline:
             self._finish(task, await self._steps.run(task))
         except _Withdrawn:
             self.journal.forget_sample(task.id)
+        except OverBudget as exc:
+            # Back to `planned` with its replies kept: a rerun with a higher --max-cost
+            # goes on from here. The tasks in flight may finish: their calls are paid for.
+            log.info("task %s stopped at the budget: %s", task.id, exc)
+            self.journal.forget_sample(task.id)
+            self._caller.keep(task.id)
+            parked = True
+            if not self._stopping:
+                self.stop(math.inf)
         except asyncio.CancelledError:
             self.journal.forget_sample(task.id)
             raise
