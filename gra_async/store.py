@@ -241,6 +241,13 @@ class JournalReader:
         """(model, from a batch?, prompt tokens, completion tokens): what spend is priced on."""
         return _spend_rows(self._conn)
 
+    def latencies(self) -> dict[str, float]:
+        """Mean latency (seconds, the answering attempt) of each model's online calls."""
+        rows = self._conn.execute(
+            "SELECT model, avg(latency) FROM calls WHERE endpoint NOT LIKE '%' || ? "
+            "GROUP BY model", (BATCH_ENDPOINT_SUFFIX,))
+        return {str(model): float(mean or 0.0) for model, mean in rows}
+
     def body_counts(self, state: str, *fields: str) -> list[tuple[Any, ...]]:
         """(values of `fields` in the body, count) over the samples in `state`, counted by
         SQLite: `status` stays fast on a journal of millions of samples."""
