@@ -247,7 +247,7 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
                          spent + more_cost * rate / lo if lo else math.inf)
     online = _online_seconds(config, call_seconds, per_model_calls, per_model_tokens)
     waves = None
-    seconds = online
+    seconds: float | None = online
     if batch:
         tasks_left = left / rate if rate else 0.0
         waves = config.run.rounds * max(1, math.ceil(tasks_left / config.batch.slice)) * (
