@@ -182,7 +182,7 @@ async def open_run(
         dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
         planner = Planner(seeds, config.run.seed, config.generation.few_shot)
         pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
-                            gate=gate)
+                            gate=gate, transport=transport)
         pipeline.resume_state()
         # Session starts: `status` rates count the time sessions ran, not the gaps between them.
         sessions = [*orjson.loads(journal.meta("sessions") or "[]"), time.time()]
