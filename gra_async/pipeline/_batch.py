@@ -31,7 +31,7 @@ from gra_async.accounting import BATCH_ENDPOINT_SUFFIX
 from gra_async.client import ChatRequest, RetryPolicy, Transport
 from gra_async.client.batch import BatchApi, BatchLine, BatchStatus, parse_lines, request_line
 from gra_async.config import EndpointConfig, RunConfig
-from gra_async.errors import BadRequestError, GraError, RetriesExhausted, ServerError
+from gra_async.errors import BadRequestError, GraError, RetriesExhausted, TaskFailed
 from gra_async.pipeline._budget import Budget, Reservation
 from gra_async.pipeline._progress import Progress
 from gra_async.store import BATCH_READ, BatchRecord, CallRecord, Journal
@@ -329,9 +329,10 @@ class BatchWaves:
             return
         entry.attempts += 1
         if entry.attempts > self._policy.max_retries:
-            last = ServerError(f"{label}: {reason}", endpoint=label, status=status)
-            self._fail(entry, RetriesExhausted(
-                f"{label}: {reason} (gave up after {entry.attempts} batches)", last=last))
+            # The provider ran this line and failed it every time: unlike an endpoint that
+            # does not answer, waiting gives no other answer, so the task fails (bounded).
+            self._fail(entry, TaskFailed(
+                f"{label}: batch line failed {entry.attempts} times: {reason}"))
             return
         log.info("%s: %s; to the next wave", label, reason)
         self._again(entry)
