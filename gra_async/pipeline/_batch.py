@@ -311,15 +311,20 @@ class BatchWaves:
                             label + BATCH_ENDPOINT_SUFFIX, content,
                             str(choice.get("finish_reason") or "stop"), prompt, completion,
                             elapsed, entry.attempts + 1)
-        self._journal.record_call(record)
         held = entry.held or Reservation(entry.model, 0.0, max(1, prompt))
         self.budget.settle(held, prompt, completion, discount=self.discount(entry.model))
+        self._hand_over(record)
+
+    def _hand_over(self, record: CallRecord) -> None:
+        """Journal a reply, then give it to the task waiting on it, or keep it for the task
+        that will ask (a batch of an earlier session answers before its tasks run)."""
+        self._journal.record_call(record)
         self._progress.last_activity = time.monotonic()
-        future = self._waiters.get(entry.key)
+        future = self._waiters.get(record.key)
         if future is not None and not future.done():
             future.set_result(record)
         else:
-            self._arrived[entry.key] = record
+            self._arrived[record.key] = record
 
     def _retry(self, entry: _Entry, reason: str, status: int | None) -> None:
         label = self._labels.get(entry.model, entry.model)
@@ -378,10 +383,4 @@ class BatchWaves:
         record = CallRecord(entry.key, entry.task_id, entry.role, entry.model, reply.endpoint,
                             reply.content, reply.finish_reason, reply.prompt_tokens,
                             reply.completion_tokens, reply.latency, reply.attempts)
-        self._journal.record_call(record)
-        self._progress.last_activity = time.monotonic()
-        future = self._waiters.get(entry.key)
-        if future is not None and not future.done():
-            future.set_result(record)
-        else:
-            self._arrived[entry.key] = record
+        self._hand_over(record)
