@@ -75,7 +75,7 @@ class TestApi:
         assert first.spent == pytest.approx(billed)
         assert billed <= budget
         assert billed > 0.8 * budget, "stopped long before the budget was used"
-        assert first.explain().startswith(f"budget reached: spent ${billed:.4f} of the $0.2500 budget")
+        assert first.explain().startswith(f"budget reached: spent ${first.spent:.4f} of the $0.2500 budget")
         got = status_json(tmp_path)
         assert got["budget"] == budget and got["cost"] == pytest.approx(billed)
         assert got["in_progress"] == 0
