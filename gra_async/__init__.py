@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from gra_async.config import (
+    BatchConfig,
     EndpointConfig,
     GateConfig,
     GenerationConfig,
@@ -50,6 +51,7 @@ from gra_async.errors import (
 )
 
 if TYPE_CHECKING:
+    from gra_async.pilot import Estimate, estimate
     from gra_async.pipeline import Draft
     from gra_async.quality import QualityReport, write_report
     from gra_async.regating import RegateSummary, regate, regate_async
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
 # `gra-async status` and a script that only reads samples never need.
 _LAZY = {
     "Draft": "gra_async.pipeline",
+    **dict.fromkeys(("Estimate", "estimate"), "gra_async.pilot"),
     **dict.fromkeys(("QualityReport", "write_report"), "gra_async.quality"),
     **dict.fromkeys(("Adjudication", "FailedReview", "Review", "Sample", "read_samples"),
                     "gra_async.samples"),
@@ -76,12 +79,14 @@ __all__ = [
     "Adjudication",
     "AuthenticationError",
     "BadRequestError",
+    "BatchConfig",
     "ConfigError",
     "ConnectionFailed",
     "Decision",
     "Draft",
     "EndpointConfig",
     "EndpointError",
+    "Estimate",
     "FailedReview",
     "GateConfig",
     "GenerationConfig",
@@ -117,6 +122,7 @@ __all__ = [
     "UsageError",
     "UserError",
     "__version__",
+    "estimate",
     "load_config",
     "read_samples",
     "regate",

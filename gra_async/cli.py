@@ -1,4 +1,4 @@
-"""`gra-async run | status | export | report | regate | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | estimate | status | export | report | regate | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -66,6 +66,43 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `run`, which `estimate` takes too: its pilot is the same run."""
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--seeds", type=Path, help="seed examples: .jsonl, .csv or .parquet (default: bundled)")
+    parser.add_argument("--run-dir", type=Path,
+                        help=f"run directory (default {_DEFAULT_RUN_DIR}); resume = same command again")
+    parser.add_argument("--target", type=int, help="accepted samples to reach (default 20)")
+    parser.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL",
+                        help="generator|reviewer|adjudicator endpoint; repeat for replicas and panels")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the key of --endpoint servers")
+    parser.add_argument("--roles", choices=["fixed", "rotate"], help="role assignment (default fixed)")
+    parser.add_argument("--reviewers", type=int, metavar="N", help="review panel size per sample (0 = no review; default all)")
+    parser.add_argument("--no-adjudicator", action="store_true", help="ablation: disagreement is settled by the mean")
+    parser.add_argument("--concurrency", type=int, metavar="N",
+                        help=f"model calls in flight across the run (default {defaults.RUN_CONCURRENCY})")
+    parser.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
+    parser.add_argument("--tpm", type=int, help="tokens per minute, per --endpoint")
+    parser.add_argument("--rounds", type=int, metavar="R", help="rounds; accepted samples join the next round's seeds")
+    parser.add_argument("--max-tasks", type=int, metavar="N",
+                        help="tasks planned per round (default 10x the round's target)")
+    parser.add_argument("--seed", type=int, help="run seed: the plan and the role draws follow from it")
+    parser.add_argument("--grace", type=float, help=f"seconds in-flight calls get after Ctrl-C (default {defaults.GRACE_SECONDS:g})")
+    parser.add_argument("--force", action="store_true", help="continue a run directory made with another config")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="plan again failed tasks whose endpoint failed them (not their replies)")
+    parser.add_argument("--no-metadata", action="store_true",
+                        help="no keywords/summary call per accepted sample (metadata.enabled = false)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics while running")
+    parser.add_argument("--metrics-host", metavar="HOST",
+                        help=f"address the metrics listen on (default {defaults.METRICS_HOST})")
+    parser.add_argument("--max-cost", type=float, metavar="USD",
+                        help="stop before the spend at the endpoints' prices passes this (exit 3)")
+    parser.add_argument("--mode", choices=["online", "batch"],
+                        help="online calls, or waves through the provider's Batch API (default online)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from gra_async import __version__
 
@@ -74,35 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate, review and keep samples until --target are accepted")
-    run.add_argument("--config", type=Path, help="TOML config file")
-    run.add_argument("--seeds", type=Path, help="seed examples: .jsonl, .csv or .parquet (default: bundled)")
-    run.add_argument("--run-dir", type=Path,
-                     help=f"run directory (default {_DEFAULT_RUN_DIR}); resume = same command again")
-    run.add_argument("--target", type=int, help="accepted samples to reach (default 20)")
-    run.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL",
-                     help="generator|reviewer|adjudicator endpoint; repeat for replicas and panels")
-    run.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the key of --endpoint servers")
-    run.add_argument("--roles", choices=["fixed", "rotate"], help="role assignment (default fixed)")
-    run.add_argument("--reviewers", type=int, metavar="N", help="review panel size per sample (0 = no review; default all)")
-    run.add_argument("--no-adjudicator", action="store_true", help="ablation: disagreement is settled by the mean")
-    run.add_argument("--no-metadata", action="store_true",
-                     help="no keywords/summary call per accepted sample (metadata.enabled = false)")
-    run.add_argument("--concurrency", type=int, metavar="N",
-                     help=f"model calls in flight across the run (default {defaults.RUN_CONCURRENCY})")
-    run.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
-    run.add_argument("--tpm", type=int, help="tokens per minute, per --endpoint")
-    run.add_argument("--rounds", type=int, metavar="R", help="rounds; accepted samples join the next round's seeds")
-    run.add_argument("--max-tasks", type=int, metavar="N",
-                     help="tasks planned per round (default 10x the round's target)")
-    run.add_argument("--seed", type=int, help="run seed: the plan and the role draws follow from it")
-    run.add_argument("--grace", type=float, help=f"seconds in-flight calls get after Ctrl-C (default {defaults.GRACE_SECONDS:g})")
-    run.add_argument("--force", action="store_true", help="continue a run directory made with another config")
-    run.add_argument("--retry-failed", action="store_true",
-                     help="plan again failed tasks whose endpoint failed them (not their replies)")
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="serve Prometheus metrics on http://HOST:PORT/metrics while running")
-    run.add_argument("--metrics-host", metavar="HOST",
-                     help=f"address the metrics listen on (default {defaults.METRICS_HOST})")
+    _run_flags(run)
+
+    estimate = sub.add_parser("estimate", help="run a small pilot and project the run's calls, "
+                                               "tokens, cost and wall time (takes run's flags)")
+    _run_flags(estimate)
+    estimate.add_argument("--tasks", type=int, default=defaults.ESTIMATE_TASKS, metavar="N",
+                          help=f"pilot tasks, journaled for the real run (default "
+                               f"{defaults.ESTIMATE_TASKS})")
+    estimate.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
@@ -162,7 +179,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                       ("reviewers", "reviewers"), ("concurrency", "concurrency"),
                       ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
                       ("max_tasks", "max_tasks"), ("metrics_port", "metrics_port"),
-                      ("metrics_host", "metrics_host")):
+                      ("metrics_host", "metrics_host"), ("max_cost", "max_cost"),
+                      ("mode", "mode")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value
@@ -226,6 +244,22 @@ async def _run(args: argparse.Namespace) -> int:
         return EXIT_SHORT
     print(f"done: {summary.run_dir} ({summary.accepted} accepted); "
           f"export with: {_prog()} export --run-dir {summary.run_dir}")
+    return EXIT_OK
+
+
+async def _estimate(args: argparse.Namespace) -> int:
+    from gra_async.pilot import run_pilot
+
+    config = _config(args)
+    print(f"pilot: up to {args.tasks} tasks in {config.run.run_dir} (the run reuses them)",
+          file=sys.stderr)
+    result = await run_pilot(config, tasks=args.tasks, force=args.force)
+    if args.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(result.to_json()).decode() + "\n")
+    else:
+        print(result.table())
     return EXIT_OK
 
 
@@ -372,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return run_coroutine(_run(args))
+        if args.command == "estimate":
+            return run_coroutine(_estimate(args))
         if args.command == "status":
             return _status(args)
         if args.command == "export":

@@ -21,6 +21,7 @@ from gra_async.errors import ConfigError
 
 __all__ = [
     "ROLES",
+    "BatchConfig",
     "EndpointConfig",
     "GateConfig",
     "GenerationConfig",
@@ -66,6 +67,8 @@ class EndpointConfig(_Strict):
     json_mode: JsonMode = "json_schema"  # how this server takes structured output (README: the embedded default)
     price_in: float = Field(0.0, ge=0)  # per million prompt tokens, for the cost line
     price_out: float = Field(0.0, ge=0)
+    # The share of the online price the provider's Batch API bills (OpenAI: half).
+    batch_discount: float = Field(defaults.BATCH_DISCOUNT, gt=0, le=1)
 
     @field_validator("base_url")
     @classmethod
@@ -175,6 +178,24 @@ class RunSettings(_Strict):
     # Prometheus `/metrics` on this port while the run goes (0: any free port); None: off.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = defaults.METRICS_HOST  # another address exposes the metrics beyond this machine
+    # Dollars the run may spend at the endpoints' prices; None: no budget. Reaching it
+    # stops the run (exit 3, resumable with a higher budget).
+    max_cost: float | None = Field(None, gt=0)
+    # "batch": each wave of calls goes to the provider's Batch API (files + batches).
+    mode: Literal["online", "batch"] = "online"
+
+
+class BatchConfig(_Strict):
+    """The `[batch]` table: how `run.mode = "batch"` cuts waves and waits for them."""
+
+    slice: int = Field(defaults.BATCH_SLICE, ge=1)  # tasks whose calls form one wave
+    min_size: int = Field(defaults.BATCH_MIN_SIZE, ge=1)  # smaller waves may go online
+    online_tail: bool = False  # True: a wave below min_size (stragglers) is sent online
+    max_lines: int = Field(defaults.BATCH_MAX_LINES, ge=1)  # per batch (OpenAI: 50,000)
+    max_bytes: int = Field(defaults.BATCH_MAX_BYTES, ge=1024)  # per input file (OpenAI: 200 MB)
+    completion_window: str = defaults.BATCH_WINDOW
+    poll_interval: float = Field(defaults.BATCH_POLL_INTERVAL, gt=0)  # first wait between polls
+    poll_max: float = Field(defaults.BATCH_POLL_MAX, gt=0)  # the longest wait between polls
 
 
 class RunConfig(_Strict):
@@ -185,6 +206,7 @@ class RunConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
     prompts_dir: Path | None = None  # None: the templates shipped in the package
 

@@ -52,3 +52,14 @@ METRICS_HOST = "127.0.0.1"
 METADATA_KEYWORDS = 5
 METADATA_MAX_TOKENS = 160
 SUMMARY_MAX_CHARS = 300
+
+# Cost control (README: Hosted APIs).
+BATCH_DISCOUNT = 0.5  # the Batch API's price as a share of the online one (OpenAI: half)
+BATCH_SLICE = 1000  # tasks per slice: their generations are one wave, then their reviews, ...
+BATCH_MIN_SIZE = 1
+BATCH_MAX_LINES = 50_000  # OpenAI's limit of requests per batch
+BATCH_MAX_BYTES = 200_000_000  # OpenAI's limit on a batch input file
+BATCH_WINDOW = "24h"
+BATCH_POLL_INTERVAL = 5.0  # seconds before the first poll; doubles up to BATCH_POLL_MAX
+BATCH_POLL_MAX = 300.0
+ESTIMATE_TASKS = 20  # pilot tasks of `estimate`

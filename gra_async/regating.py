@@ -35,6 +35,7 @@ from gra_async.config import EndpointConfig, GateConfig, RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.errors import ConfigError, RunDirError, TaskFailed, UsageError
 from gra_async.pipeline import Progress
+from gra_async.pipeline._budget import Budget
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._steps import dedup_text
 from gra_async.planner import Task
@@ -280,7 +281,7 @@ async def _adjudicate(
                     json_modes={m.model: m.config.json_mode for m in members},
                     prices={m.model: (m.config.price_in, m.config.price_out) for m in members})
         progress = Progress(target=0, prices=dict(team.prices))
-        caller = Caller(config, team, journal, progress)
+        caller = Caller(config, team, journal, progress, Budget(None, team.prices))
         caller.reuse(journal.unfinished_calls())
         failed = 0
 

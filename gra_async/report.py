@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gra_async import defaults
-from gra_async.accounting import failure_kind, token_cost
+from gra_async.accounting import failure_kind, spend
 from gra_async.errors import ConfigError, RunDirError
 from gra_async.formats import (
     TRAINING_FORMATS,
@@ -60,6 +60,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         sessions = reader.session_spans()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
+        batched = {m: (float(a), float(b))
+                   for m, (a, b) in orjson.loads(reader.meta("batch_prices") or "{}").items()}
+        spent = spend(reader.spend_rows(), prices, batched)
+        budget = orjson.loads(reader.meta("budget") or "null")
+        batches = reader.batches(open_only=True)
         endpoints = orjson.loads(reader.meta("endpoints") or "[]")
         abandoned = (int(reader.meta("abandoned_calls") or 0),
                      int(reader.meta("abandoned_tokens") or 0))
@@ -93,9 +98,12 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         # finished and billed them; their tokens are estimated (prompt + completion budget).
         "abandoned_calls": abandoned[0],
         "abandoned_tokens": abandoned[1],
-        "cost": token_cost({key: n for role, model, _, t_in, t_out in totals
-                            for key, n in (((role, model, "in"), t_in or 0),
-                                           ((role, model, "out"), t_out or 0))}, prices),
+        # Batch replies at their discounted price; None when no price is configured.
+        "cost": spent if any(a or b for a, b in prices.values()) else None,
+        "budget": budget,  # run.max_cost of the latest session; None: none
+        # Batch API jobs submitted and not read back yet, with the provider's status.
+        "batches": [{"batch_id": b.batch_id, "file_id": b.file_id, "model": b.model,
+                     "status": b.status, "calls": len(b.calls), **b.counts} for b in batches],
         "accepted_per_second": rate,
         "sessions": len(sessions),
         "active_seconds": active,
@@ -125,7 +133,12 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"  abandoned in flight: {report['abandoned_calls']} calls "
                      f"(~{report['abandoned_tokens']} tokens a server may still bill)")
     if report["cost"] is not None:
-        lines.append(f"  cost ${report['cost']:.4f} at the configured prices")
+        budget = f" of a ${report['budget']:.4f} budget" if report.get("budget") else ""
+        lines.append(f"  cost ${report['cost']:.4f} at the configured prices{budget}")
+    for b in report.get("batches", []):
+        done = f", {b.get('completed', 0)} done, {b.get('failed', 0)} failed" if "total" in b else ""
+        lines.append(f"  batch {b['batch_id'] or b['file_id']} ({b['model']}): {b['status']}, "
+                     f"{b['calls']} calls{done}")
     for reason, n in report["failures"].items():
         lines.append(f"  failed x{n}: {reason}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from gra_async._resources import ensure_open_files
 from gra_async.client import AiohttpTransport, EndpointStats, Transport
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator, layout
+from gra_async.errors import ConfigError
 from gra_async.pipeline import Filter, Gate, Pipeline, plan_size
 from gra_async.planner import Planner
 from gra_async.prompts import PromptSet, default_prompts_dir
@@ -34,7 +35,7 @@ log = logging.getLogger("gra_async")
 
 # Run settings that change how a run goes, not what it produces: a resume may change them.
 _OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "grace", "max_tasks",
-                "stall_timeout", "metrics_port", "metrics_host")
+                "stall_timeout", "metrics_port", "metrics_host", "max_cost", "mode")
 
 
 def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str, Any]:
@@ -46,6 +47,7 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str,
     data = config.model_dump(mode="json")
     for key in _OPERATIONAL:
         data["run"].pop(key, None)
+    data.pop("batch", None)  # how calls travel, not what they ask
     if data["gate"].get("min_reviews") is None:  # added later: unset, old journals still match
         data["gate"].pop("min_reviews", None)
     data["endpoints"] = {
@@ -165,6 +167,11 @@ async def open_run(
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
         ensure_open_files(config.run.concurrency)
+        if config.run.max_cost is not None and not any(
+                p_in or p_out for p_in, p_out in team.prices.values()):
+            raise ConfigError("run.max_cost: no endpoint has a price, so nothing would count "
+                              "against the budget (set price_in and price_out per million "
+                              "tokens in [[endpoints.ROLE]])")
         if config.has_endpoints:  # the embedded default's caps are ours, sized to its servers
             for note in team.binding_caps(config.run.concurrency):
                 log.warning("%s", note)
@@ -177,7 +184,7 @@ async def open_run(
         dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
         planner = Planner(seeds, config.run.seed, config.generation.few_shot)
         pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
-                            gate=gate)
+                            gate=gate, transport=transport)
         pipeline.resume_state()
         # Session starts: `status` rates count the time sessions ran, not the gaps between them.
         sessions = [*orjson.loads(journal.meta("sessions") or "[]"), time.time()]
@@ -186,6 +193,8 @@ async def open_run(
         journal.set_meta("plan_size", str(plan_size(config) * config.run.rounds))
         journal.set_meta("target", str(config.run.target))
         journal.set_meta("prices", orjson.dumps(team.prices).decode())
+        journal.set_meta("batch_prices", orjson.dumps(team.batch_prices).decode())
+        journal.set_meta("budget", orjson.dumps(config.run.max_cost).decode())
         yield Run(live, journal, team, pipeline)
 
 

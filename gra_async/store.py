@@ -25,7 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,13 @@ from typing import Any
 import orjson
 
 from gra_async._sqlite import transaction
+from gra_async.accounting import BATCH_ENDPOINT_SUFFIX
 from gra_async.errors import RunDirError
 
 __all__ = [
+    "BATCH_READ",
     "TERMINAL_STATES",
+    "BatchRecord",
     "CallRecord",
     "FinishedTasks",
     "Journal",
@@ -83,6 +86,19 @@ CREATE TABLE IF NOT EXISTS samples (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_state ON samples (state);
+-- Batch API jobs (run.mode = "batch"): a row as soon as its input file is uploaded, its
+-- batch id once created, so a rerun after a crash polls it instead of sending its calls again.
+CREATE TABLE IF NOT EXISTS batches (
+    file_id TEXT PRIMARY KEY,
+    batch_id TEXT,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    calls TEXT NOT NULL,     -- JSON [[key, task_id, role], ...]: the custom_ids and their owners
+    status TEXT NOT NULL,    -- "uploaded", then the provider's status
+    counts TEXT NOT NULL,    -- JSON request_counts
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
 -- Dedup fingerprints of accepted samples (see JournalFingerprints), one row each.
 CREATE TABLE IF NOT EXISTS dedup_keys (
     task_id TEXT NOT NULL UNIQUE,
@@ -182,6 +198,38 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
+def _spend_rows(conn: sqlite3.Connection) -> list[tuple[str, bool, int, int]]:
+    """(model, from a batch?, prompt tokens, completion tokens) over every journaled call."""
+    rows = conn.execute(
+        "SELECT model, endpoint LIKE '%' || ?, sum(prompt_tokens), sum(completion_tokens) "
+        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,))
+    return [(str(m), bool(b), int(t_in or 0), int(t_out or 0)) for m, b, t_in, t_out in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One Batch API job as the journal holds it. `status` "read" once its results are in."""
+
+    file_id: str
+    batch_id: str | None
+    endpoint: str
+    model: str
+    calls: tuple[tuple[str, str, str], ...]  # (call key = custom_id, task id, role)
+    status: str
+    counts: Mapping[str, int]
+
+
+BATCH_READ = "read"  # its results are journaled: nothing left to wait for
+
+
+def _batches(conn: sqlite3.Connection, *, open_only: bool) -> list[BatchRecord]:
+    where = f"WHERE status != '{BATCH_READ}'" if open_only else ""
+    rows = conn.execute("SELECT file_id, batch_id, endpoint, model, calls, status, counts FROM "
+                        f"batches {where} ORDER BY created")
+    return [BatchRecord(f, b, e, m, tuple(tuple(c) for c in orjson.loads(calls)), s,
+                        orjson.loads(counts)) for f, b, e, m, calls, s, counts in rows]
+
+
 def _samples(
     conn: sqlite3.Connection, states: tuple[str, ...], before_round: int | None = None,
     unindexed: bool = False,
@@ -227,6 +275,24 @@ class JournalReader:
             "SELECT role, model, count(*), sum(prompt_tokens), sum(completion_tokens) "
             "FROM calls GROUP BY role, model ORDER BY role, model"
         ))
+
+    def spend_rows(self) -> list[tuple[str, bool, int, int]]:
+        """(model, from a batch?, prompt tokens, completion tokens): what spend is priced on."""
+        return _spend_rows(self._conn)
+
+    def batches(self, *, open_only: bool = False) -> list[BatchRecord]:
+        """The run's Batch API jobs, oldest first; journals from before batch mode have none."""
+        try:
+            return _batches(self._conn, open_only=open_only)
+        except sqlite3.OperationalError:  # no batches table: a journal of an older version
+            return []
+
+    def latencies(self) -> dict[str, float]:
+        """Mean latency (seconds, the answering attempt) of each model's online calls."""
+        rows = self._conn.execute(
+            "SELECT model, avg(latency) FROM calls WHERE endpoint NOT LIKE '%' || ? "
+            "GROUP BY model", (BATCH_ENDPOINT_SUFFIX,))
+        return {str(model): float(mean or 0.0) for model, mean in rows}
 
     def body_counts(self, state: str, *fields: str) -> list[tuple[Any, ...]]:
         """(values of `fields` in the body, count) over the samples in `state`, counted by
@@ -361,6 +427,42 @@ class Journal:
 
     def state_counts(self) -> dict[str, int]:
         return _state_counts(self._conn)
+
+    def open_batches(self) -> list[BatchRecord]:
+        """Batches submitted by earlier sessions and not yet read back (call before `start`)."""
+        assert not self._thread.is_alive(), "Journal.open_batches() after start()"
+        return _batches(self._conn, open_only=True)
+
+    def journaled(self, keys: Iterable[str]) -> set[str]:
+        """Which of these call keys have a reply in the journal (call before `start`)."""
+        found: set[str] = set()
+        wanted = list(keys)
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            found.update(k for (k,) in self._conn.execute(
+                f"SELECT key FROM calls WHERE key IN ({','.join('?' * len(part))})", part))
+        return found
+
+    def record_batch_file(self, record: BatchRecord) -> None:
+        now = time.time()
+        self._put(("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?,?,?,?)",
+                   (record.file_id, record.batch_id, record.endpoint, record.model,
+                    orjson.dumps([list(c) for c in record.calls]).decode(), record.status,
+                    orjson.dumps(record.counts).decode(), now, now)))
+
+    def record_batch_state(
+        self, file_id: str, *, batch_id: str | None = None, status: str,
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
+        self._put(("UPDATE batches SET batch_id = coalesce(?, batch_id), status = ?, "
+                   "counts = coalesce(?, counts), updated = ? WHERE file_id = ?",
+                   (batch_id, status, None if counts is None else orjson.dumps(counts).decode(),
+                    time.time(), file_id)))
+
+    def spend_rows(self) -> list[tuple[str, bool, int, int]]:
+        """What earlier sessions spent, as tokens per model (call before `start`)."""
+        assert not self._thread.is_alive(), "Journal.spend_rows() after start()"
+        return _spend_rows(self._conn)
 
     def meta(self, key: str) -> str | None:
         """A meta value as committed; call before `start` (the writer owns the connection after)."""

@@ -32,7 +32,8 @@ __all__ = ["RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"]
 
 # target: the target was reached. plan_exhausted: every planned task finished short of it.
 # all_failed: every task this session ran failed. stopped: stop() or a signal ended it early.
-StopReason = Literal["target", "plan_exhausted", "all_failed", "stopped"]
+# budget: the next call could have taken the spend past `run.max_cost`.
+StopReason = Literal["target", "plan_exhausted", "all_failed", "stopped", "budget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,8 @@ class RunSummary:
     usage: tuple[TokenUsage, ...] = ()
     rejections: Mapping[str, int] = field(default_factory=dict)  # run totals by decision
     failures: Mapping[str, int] = field(default_factory=dict)  # this session's, by kind
+    budget: float | None = None  # `run.max_cost`
+    spent: float | None = None  # the run's spend, earlier sessions included; None: no price set
 
     @property
     def tokens(self) -> int:
@@ -79,6 +82,9 @@ class RunSummary:
         got = f"{self.accepted} of {self.target} accepted"
         if self.stop_reason == "target":
             return f"target reached: {got}"
+        if self.stop_reason == "budget":
+            return (f"budget reached: spent ${self.spent or 0.0:.4f} of the ${self.budget or 0.0:.4f} "
+                    f"budget; {got}; rerun with a higher --max-cost to continue")
         if self.stop_reason == "stopped":
             return f"stopped: {got}; run the same command again to resume"
         if self.stop_reason == "all_failed":
@@ -217,8 +223,11 @@ def _summary(run: Run, progress: Progress, elapsed: float) -> RunSummary:
     session_finished = progress.finished - progress.finished_at_start
     session_failed = progress.failed - progress.failed_at_start
     reason: StopReason
+    budget = run.pipeline.budget
     if progress.accepted >= target:
         reason = "target"
+    elif budget.reached:
+        reason = "budget"
     elif run.pipeline.stopping:
         reason = "stopped"
     elif session_finished > 0 and session_failed == session_finished:
@@ -255,6 +264,9 @@ def _summary(run: Run, progress: Progress, elapsed: float) -> RunSummary:
         usage=usage,
         rejections=rejections,
         failures=dict(progress.failures.most_common()),
+        budget=budget.limit,
+        spent=budget.spent if any(p_in or p_out for p_in, p_out in run.team.prices.values())
+        else None,
     )
 
 

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 
 from gra_async._concurrency import first_error
+from gra_async.accounting import batch_prices
 from gra_async.client import Endpoint, EndpointPool, EndpointStats, RetryPolicy, Transport, probe
 from gra_async.config import ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
@@ -40,6 +41,7 @@ class Team:
     run_seed: int
     json_modes: dict[str, JsonMode]  # model -> how its server takes structured output
     prices: dict[str, tuple[float, float]]  # model -> (in, out) per million tokens
+    batch_prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def models(self, role: Role) -> tuple[str, ...]:
         pool = self.pools.get(role)
@@ -158,6 +160,8 @@ async def build_team(
         prices={e.model: (e.config.price_in, e.config.price_out)
                 for e in reversed(list(cache.values()))},
     )
+    team.batch_prices = batch_prices(team.prices, {
+        e.model: e.config.batch_discount for e in reversed(list(cache.values()))})
     if config.run.roles == "rotate" and len(team.models("generator")) < 2:
         raise ConfigError(
             "--roles rotate needs at least two distinct models (a model never reviews its own "

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
+from gra_async.accounting import BATCH_ENDPOINT_SUFFIX
 from gra_async.client import ChatRequest
 from gra_async.config import Role, RunConfig
 from gra_async.errors import InvalidReply, TaskFailed
+from gra_async.pipeline._batch import BatchWaves
+from gra_async.pipeline._budget import Budget
 from gra_async.pipeline._progress import Progress
 from gra_async.planner import Task
 from gra_async.scoring import (
@@ -40,8 +43,12 @@ _POOL: dict[CallRole, Role] = {"generator": "generator", "reviewer": "reviewer",
 
 
 class Caller:
-    def __init__(self, config: RunConfig, team: Team, journal: Journal, progress: Progress) -> None:
+    def __init__(
+        self, config: RunConfig, team: Team, journal: Journal, progress: Progress, budget: Budget,
+    ) -> None:
         self._config = config
+        self.budget = budget
+        self.waves: BatchWaves | None = None  # batch mode: calls go in waves to the Batch API
         self._team = team
         self._journal = journal
         self._progress = progress
@@ -122,15 +129,35 @@ class Caller:
             return cached
         request = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
                               response_format=fmt)
+        if self.waves is not None:
+            # Journaled by the waves, as soon as its output file is read.
+            record = await self.waves.call(task.id, role, model, key, request)
+            self._count(task, role, model, record)
+            return record
         async with self._slots:
-            reply = await self._team.pools[_POOL[role]].chat(request, model=model)
+            # Held once the call has its slot: calls queued behind the run's concurrency
+            # are not in flight yet and must not starve the budget of the ones that are.
+            held = await self.budget.reserve(model, request)
+            try:
+                reply = await self._team.pools[_POOL[role]].chat(request, model=model)
+            except BaseException:
+                self.budget.release(held)
+                raise
+        self.budget.settle(held, reply.prompt_tokens, reply.completion_tokens)
         self._progress.last_activity = time.monotonic()
         record = CallRecord(key, task.id, role, model, reply.endpoint, reply.content,
                             reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
                             reply.latency, reply.attempts)
         self._journal.record_call(record)
-        self._made.setdefault(task.id, []).append(record)
-        self._progress.calls_sent += 1
-        self._progress.tokens[(role, model, "in")] += reply.prompt_tokens
-        self._progress.tokens[(role, model, "out")] += reply.completion_tokens
+        self._count(task, role, model, record)
         return record
+
+    def _count(self, task: Task, role: CallRole, model: str, record: CallRecord) -> None:
+        self._made.setdefault(task.id, []).append(record)
+        progress = self._progress
+        progress.calls_sent += 1
+        progress.tokens[(role, model, "in")] += record.prompt_tokens
+        progress.tokens[(role, model, "out")] += record.completion_tokens
+        if record.endpoint.endswith(BATCH_ENDPOINT_SUFFIX):
+            progress.batch_tokens[(role, model, "in")] += record.prompt_tokens
+            progress.batch_tokens[(role, model, "out")] += record.completion_tokens

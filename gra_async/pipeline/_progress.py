@@ -35,6 +35,9 @@ class Progress:
     failures: Counter[str] = field(default_factory=Counter)  # this session's, by kind
     rejections: Counter[str] = field(default_factory=Counter)  # this session's, by decision
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> per 1M in/out
+    # Of `tokens`, those from Batch API output files, billed at `batch_prices`.
+    batch_tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    batch_prices: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -42,4 +45,7 @@ class Progress:
 
     def cost(self) -> float | None:
         """This session's spend from the configured prices; None when no price is set."""
-        return token_cost(self.tokens, self.prices)
+        if not self.batch_tokens:
+            return token_cost(self.tokens, self.prices)
+        online = token_cost(self.tokens - self.batch_tokens, self.prices) or 0.0
+        return online + (token_cost(self.batch_tokens, self.batch_prices) or 0.0)

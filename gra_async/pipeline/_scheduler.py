@@ -22,7 +22,8 @@ import orjson
 
 from gra_async import defaults
 from gra_async._concurrency import first_error, thread_until_done
-from gra_async.accounting import failure_kind
+from gra_async.accounting import failure_kind, spend
+from gra_async.client import Transport
 from gra_async.config import RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.errors import (
@@ -33,6 +34,8 @@ from gra_async.errors import (
     TaskFailed,
     TaskParked,
 )
+from gra_async.pipeline._batch import BatchWaves
+from gra_async.pipeline._budget import Budget, OverBudget
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import SampleBody, sample_record
@@ -74,14 +77,24 @@ class Pipeline:
         *,
         filters: Sequence[Filter] = (),
         gate: Gate | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
         self.team = team
         self.planner = planner
         self.journal = journal
         self.dedup = dedup
-        self.progress = Progress(target=config.run.target, prices=dict(team.prices))
-        self._caller = Caller(config, team, journal, self.progress)
+        self.progress = Progress(target=config.run.target, prices=dict(team.prices),
+                                 batch_prices=dict(team.batch_prices))
+        self.budget = Budget(config.run.max_cost, team.prices)
+        self._caller = Caller(config, team, journal, self.progress, self.budget)
+        self._waves: BatchWaves | None = None
+        if config.run.mode == "batch":
+            if transport is None:
+                raise ValueError("batch mode needs the run's transport")
+            self._waves = BatchWaves(config, team, journal, self.progress, self.budget,
+                                     transport, lambda: self._running)
+            self._caller.waves = self._waves
         self._steps = TaskSteps(config, team, prompts, planner, journal, self._caller,
                                 self.progress, self._dedup_index, filters=filters, gate=gate)
         self._finished = FinishedTasks()
@@ -119,6 +132,14 @@ class Pipeline:
         progress.accepted_at_start = progress.accepted
         progress.failed_at_start = progress.failed
         progress.finished_at_start = len(self._finished)
+        spent = spend(self.journal.spend_rows(), self.team.prices, self.team.batch_prices)
+        self.budget = Budget(self.config.run.max_cost, self.team.prices, spent=spent)
+        self._caller.budget = self.budget
+        if self._waves is not None:
+            self._waves.budget = self.budget
+            batches = self.journal.open_batches()
+            keys = {key for record in batches for key, _, _ in record.calls}
+            self._waves.resume(batches, self.journal.journaled(keys))
         # Calls cut off in flight by earlier sessions: counted at their end, and one per
         # task that a kill -9 left mid-way (at least one call was in flight there).
         self._abandoned_before = (int(self.journal.meta("abandoned_calls") or 0)
@@ -148,6 +169,7 @@ class Pipeline:
                 # The index reloads (~0.3 s per 100,000 samples) while the first calls are
                 # in flight; tasks wait for it only at their dedup step.
                 group.create_task(self._fill_index())
+                waves = None if self._waves is None else group.create_task(self._waves.run())
                 for rnd in range(1, self.config.run.rounds + 1):
                     if self._stopping:
                         break
@@ -156,6 +178,8 @@ class Pipeline:
                     self._goal = math.ceil(self.config.run.target * rnd / self.config.run.rounds)
                     if self.progress.accepted < self._goal:
                         await self._run_round(rnd)
+                if waves is not None:
+                    waves.cancel()
         except BaseExceptionGroup as errors:
             raise first_error(errors) from None
         finally:
@@ -213,6 +237,8 @@ class Pipeline:
         # reviews never queue behind hundreds of newer tasks' generation calls.
         limit = self.config.run.max_in_flight or min(self.config.run.concurrency,
                                                      self.team.capacity())
+        if self._waves is not None:  # a batch holds a whole slice, whatever the concurrency
+            limit = self.config.run.max_in_flight or self.config.batch.slice
         admit = asyncio.Semaphore(limit)
         self._abandoned = False
         self._parked.clear()  # left from an earlier round: planned still, for a later session
@@ -269,6 +295,7 @@ class Pipeline:
         """The round's plan, then the tasks parked along the way, until the goal or a stop."""
         plan = (t for t in islice(self.planner.tasks(rnd), plan_size(self.config))
                 if (t.round, t.index) not in self._finished)
+        in_slice = 0
         while True:
             task = self._parked.popleft() if self._parked else next(plan, None)
             if task is None:
@@ -277,10 +304,18 @@ class Pipeline:
                 self._changed.clear()
                 await self._changed.wait()  # a parked task may come back
                 continue
+            if self._waves is not None and in_slice >= self.config.batch.slice:
+                # Batch mode: the next slice starts when this one is done, so each wave
+                # holds one step of every task of a slice.
+                while self._running:
+                    self._changed.clear()
+                    await self._changed.wait()
+                in_slice = 0
             await self._room(admit)
             if self._stopping or self.progress.accepted >= self._goal:
                 admit.release()
                 return
+            in_slice += 1
             self._running += 1
             tasks.create_task(self._run_task(task, admit))
 
@@ -307,6 +342,15 @@ class Pipeline:
             self._finish(task, await self._steps.run(task))
         except _Withdrawn:
             self.journal.forget_sample(task.id)
+        except OverBudget as exc:
+            # Back to `planned` with its replies kept: a rerun with a higher --max-cost
+            # goes on from here. The tasks in flight may finish: their calls are paid for.
+            log.info("task %s stopped at the budget: %s", task.id, exc)
+            self.journal.forget_sample(task.id)
+            self._caller.keep(task.id)
+            parked = True
+            if not self._stopping:
+                self.stop(math.inf)
         except asyncio.CancelledError:
             self.journal.forget_sample(task.id)
             raise

@@ -16,6 +16,7 @@ from typing import Literal, TypeAlias
 from gra_async.config import GateConfig, RunConfig
 from gra_async.dedup import Deduplicator, copied_from
 from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, TaskParked, UsageError
+from gra_async.pipeline._budget import OverBudget
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import (
@@ -137,7 +138,7 @@ class TaskSteps:
         # task runs again; the reviews that came back are reused from the journal then.
         lost = [r for r, _ in outcomes if isinstance(r, Exception)]
         for error in lost:
-            if isinstance(error, BadRequestError):
+            if isinstance(error, BadRequestError | OverBudget):
                 raise error
         if lost:
             raise TaskParked(f"a review was lost to the endpoint: {lost[0]}")
@@ -214,7 +215,7 @@ class TaskSteps:
 
     async def _review(
         self, task: Task, model: str, messages: list[dict[str, str]],
-    ) -> tuple[ScoredReview | FailedReview | RetriesExhausted | BadRequestError, int]:
+    ) -> tuple[ScoredReview | FailedReview | RetriesExhausted | BadRequestError | OverBudget, int]:
         """One reviewer's review and the tokens it cost. Invalid replies make a failed
         review; a call lost to the endpoint comes back as its error, so the other
         reviews of the panel are not cancelled with it."""
@@ -225,7 +226,9 @@ class TaskSteps:
                 lambda text: parse_review(text, criteria), f"rev/{model}")
         except TaskFailed as exc:
             return FailedReview(model, str(exc)), 0
-        except (RetriesExhausted, BadRequestError) as exc:
+        except (RetriesExhausted, BadRequestError, OverBudget) as exc:
+            # The budget refusing one review must not cancel the others in flight: those
+            # are paid for, and their replies are journaled for the rerun.
             return exc, 0
         return (ScoredReview(model, dict(review.scores), review.feedback),
                 reply.prompt_tokens + reply.completion_tokens)

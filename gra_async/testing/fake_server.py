@@ -9,6 +9,8 @@ when importable; simulated latency is one `loop.call_later` timer per request, n
 Endpoints:
     POST /v1/chat/completions   the model (auth, 404 for unknown models, every knob below)
     GET  /v1/models             configured model names, OpenAI list format (auth)
+    POST /v1/files, GET /v1/files/ID/content, POST /v1/batches, GET /v1/batches[/ID],
+    POST /v1/batches/ID/cancel  the Batch API (auth; `_fake_batches.py`, knobs `batch_*`)
     GET  /health                200 (503 or reset while `down`), no auth
     GET  /_stats[?bodies=1]     counters as JSON, no auth (`bodies=1`: the last 1000 requests)
     POST /_control              set knobs with a JSON object (partial update), no auth;
@@ -102,6 +104,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from gra_async.testing._fake_batches import FakeBatches
+
 try:  # the `testing` extra: the package itself does not need it
     import httptools
 except ModuleNotFoundError as _missing:
@@ -126,6 +130,7 @@ __all__ = [
 
 FAULT_STEPS: Final = ("reset", "hang", "malformed", "truncate")
 JSON_MODES: Final = ("json_schema", "json_object")
+BATCH_OUTCOMES: Final = ("completed", "expired", "cancelled", "failed")
 DOWN_MODES: Final = ("503", "reset", "refuse")
 KEEP_BODIES: Final = 1000
 WINDOW: Final = 60.0  # seconds, for rpm/tpm
@@ -178,6 +183,12 @@ class Knobs:
     unsupported_format_status: int = 500
     rules: tuple[Rule, ...] = ()
     seed: int = 0
+    batch_delay: float = 0.2
+    batch_script: tuple[str, ...] = ()
+    batch_line_error_rate: float = 0.0
+    batch_line_fail_rate: float = 0.0
+    batch_expire_done: float = 0.5
+    batch_poll_script: tuple[Step, ...] = ()
 
     def public(self) -> dict[str, Any]:
         """The knobs as JSON-ready data, with the API key masked."""
@@ -305,6 +316,14 @@ def _retry_after(value: Any, name: str) -> float | None:
     return None if value is None else _seconds(value, name)
 
 
+def _outcomes(value: Any, name: str) -> tuple[str, ...]:
+    names = _names(value, name)
+    for outcome in names:
+        if outcome not in BATCH_OUTCOMES:
+            raise KnobError(f"{name}: {outcome!r} is not one of {', '.join(BATCH_OUTCOMES)}")
+    return names
+
+
 def _seed(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise KnobError(f"{name}: expected an integer, got {value!r}")
@@ -336,6 +355,12 @@ _KNOB_PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "unsupported_format_status": _status,
     "rules": _rules,
     "seed": _seed,
+    "batch_delay": _seconds,
+    "batch_script": _outcomes,
+    "batch_line_error_rate": _fraction,
+    "batch_line_fail_rate": _fraction,
+    "batch_expire_done": _fraction,
+    "batch_poll_script": _script,
 }
 _KNOB_HELP: Final = {
     "latency": "seconds before each chat reply",
@@ -360,6 +385,12 @@ _KNOB_HELP: Final = {
     "unsupported_format_status": "status for other response_format types",
     "rules": "scripted replies as a JSON list (see the module docstring)",
     "seed": "seed of the fault RNG",
+    "batch_delay": "seconds from a batch's creation to its end (validating, in_progress, finalizing)",
+    "batch_script": "ends of the next batches, e.g. expired,completed (then completed)",
+    "batch_line_error_rate": "fraction of a batch's lines that go to its error file",
+    "batch_line_fail_rate": "fraction of a batch's lines answered with status_code 500",
+    "batch_expire_done": "fraction of an expired batch's lines that were done",
+    "batch_poll_script": "fates of the next batch polls (GET /v1/batches/ID), e.g. 503,reset",
 }
 _FAULT_RATES: Final = ("reset_rate", "hang_rate", "error_rate", "malformed_rate", "truncate_rate")
 
@@ -688,6 +719,7 @@ class _Connection(asyncio.Protocol):
         self.dribble_timer: asyncio.TimerHandle | None = None
         self.url = b""
         self.auth: bytes | None = None
+        self.content_type = b""
         self.body: list[bytes] = []
         self.expect_continue = False
 
@@ -728,6 +760,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.auth = None
+        self.content_type = b""
         self.body = []
         self.expect_continue = False
 
@@ -737,6 +770,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 13 and name.lower() == b"authorization":
             self.auth = value
+        elif len(name) == 12 and name.lower() == b"content-type":
+            self.content_type = value
         elif len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True  # curl sends it for bodies over 1 KiB, then waits 1 s
 
@@ -752,6 +787,7 @@ class _Connection(asyncio.Protocol):
             return
         body = b"".join(self.body)
         self.body = []
+        self.server.content_type = self.content_type
         reply = self.server.handle(self.parser.get_method(), self.url, self.auth, body, self)
         if not self.parser.should_keep_alive():
             reply.close = True
@@ -901,6 +937,8 @@ class FakeOpenAIServer:
         self.running = 0
         self.waiting = 0
         self._queue: deque[_Slot] = deque()
+        self.content_type = b""  # of the request being handled (multipart uploads)
+        self.batches = FakeBatches(self)
         self._apply_side_effects(self.knobs, set(_KNOB_PARSERS))
 
     # lifecycle
@@ -1044,6 +1082,7 @@ class FakeOpenAIServer:
             self.reset_stats()
 
     def reset_stats(self) -> None:
+        self.batches.reset_stats()
         self.stats = _Stats()
         self.stats.in_flight_peak = self.in_flight
 
@@ -1057,6 +1096,8 @@ class FakeOpenAIServer:
             self._script: deque[Step] = deque(new.status_script)
         if "rules" in changed:
             self._rule_left = [rule.times for rule in new.rules]
+        if {"batch_script", "batch_poll_script"} & changed:
+            self.batches.scripts(new, changed)
         if "rpm" in changed:
             self._request_window: deque[float] = deque()
         if "tpm" in changed:
@@ -1101,6 +1142,17 @@ class FakeOpenAIServer:
             return self._chat(auth, body)
         if path == b"/v1/models":
             return self._models(auth)
+        if path.startswith((b"/v1/files", b"/v1/batches")):
+            self.stats.requests += 1
+            reply = self._down_reply() or self._unauthorized(auth)
+            if reply is not None:
+                return reply
+            status, payload = self.batches.handle(method, path.decode("latin-1"), query, body,
+                                                  self.content_type)
+            if status < 0:
+                self.stats.faults["reset"] += 1
+                return _Reply(fate=RESET)
+            return self._v1(status, payload)
         if path == b"/health":
             if not self.knobs.down:
                 return _Reply(_http(200, b'{"status":"ok"}'))
@@ -1183,6 +1235,7 @@ class FakeOpenAIServer:
                 "wait_total": s.wait_total, "service_total": s.service_total,
             },
             "calls": dict(s.calls),
+            "batches": self.batches.stats(),
         }
         if bodies:
             data["bodies"] = list(s.bodies)
@@ -1240,6 +1293,41 @@ class FakeOpenAIServer:
             )
         return self._complete(request, model, messages, text, prompt_tokens, reply_seed, schema,
                               step, headers)
+
+    def batch_line(self, request: Any) -> tuple[int, dict[str, Any]]:
+        """One Batch API line's answer: (status code, body), as the chat route would answer
+        it with no fault, and counted in `calls` the same way."""
+        problem = _request_problem(request)
+        if problem:
+            return 400, orjson.loads(_error_body(400, problem))
+        model, messages = request["model"], request["messages"]
+        self.stats.models[model] += 1
+        digest = hashlib.sha256(_canonical(model, messages)).digest()
+        self.stats.calls[digest.hex()] += 1
+        if model not in self.knobs.models:
+            return 404, orjson.loads(_error_body(404, f"The model `{model}` does not exist."))
+        schema, format_problem = _response_schema(request.get("response_format"), self.knobs)
+        if format_problem:
+            return 400, orjson.loads(_error_body(400, format_problem))
+        variant = 0 if request.get("temperature") == 0 else self.stats.calls[digest.hex()] - 1
+        text = "\n".join(_content_text(m.get("content")) for m in messages)
+        prompt_tokens = max(1, math.ceil(len(text) / 4))
+        content = self._content(model, messages, text, int.from_bytes(digest[:8], "big") + variant,
+                                schema)
+        finish = "stop"
+        limit = request.get("max_tokens") or request.get("max_completion_tokens")
+        if isinstance(limit, int) and limit > 0 and len(content) > 4 * limit:
+            content, finish = content[: 4 * limit], "length"
+        completion_tokens = math.ceil(len(content) / 4)
+        self._next_id += 1
+        return 200, {
+            "id": f"chatcmpl-fake-{self._next_id}", "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
 
     def _draw(self) -> Step:
         """One RNG draw per request places the faults (see `seed`)."""
