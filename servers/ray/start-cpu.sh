@@ -4,7 +4,7 @@
 #
 #   bash servers/ray/setup.sh && bash servers/cpu-vllm/setup.sh   # once: venv and model
 #   bash servers/ray/start-cpu.sh                                 # prints pid=... url=...
-#   kill -- -<pid>                                                # stops the whole cluster
+#   bash servers/ray/stop-cpu.sh                                  # stops this cluster only
 #
 # Environment (all optional):
 #   GRA_RAY_HOME            cache root of servers/ray/setup.sh (default ~/.cache/gra-async/ray)
@@ -50,6 +50,10 @@ mkdir -p "$TEMP_DIR"
 # Ray and vLLM must not phone home, and nothing may be fetched at run time.
 export RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PATH="$VENV/bin:$PATH"
+# Ray replaces 127.0.0.1 in --node-ip-address with the machine's routable address; this
+# switch (meant for single-machine clusters on macOS and Windows, honoured on Linux too)
+# keeps the GCS, the raylet and every worker on loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 DEPLOYED="$TEMP_DIR/serve-cpu.deployed.yaml"
 "$VENV/bin/python" - "$HERE/serve-cpu.yaml" "$DEPLOYED" "$MODEL_DIR" "$SERVE_PORT" <<'EOF'
@@ -66,9 +70,9 @@ EOF
 metrics=()
 if [[ -n "${GRA_RAY_METRICS_PORT:-}" ]]; then metrics=(--metrics-export-port "$GRA_RAY_METRICS_PORT"); fi
 T0=$(date +%s.%N)
-# --block in a session of its own: the whole cluster (GCS, raylet, dashboard, workers,
-# vLLM engines) is one process group that `kill -- -PID` ends, instead of `ray stop`,
-# which ends every Ray process on the machine, whoever started it.
+# --block: the whole cluster (GCS, raylet, dashboard, workers, vLLM engines) is one process
+# tree under PID, which stop-cpu.sh ends by id; `ray stop` would end every Ray process on
+# the machine, whoever started it.
 # The object store is capped: Ray's default takes 30% of RAM in /dev/shm, and model
 # replies never pass through it.
 setsid ray start --head --block \
@@ -84,14 +88,14 @@ PID=$!
 echo "$PID" >"$TEMP_DIR/cluster.pid"
 if [[ -n "${GRA_RAY_WATCH_PID:-}" ]]; then
   W="$GRA_RAY_WATCH_PID"
-  setsid bash -c "while kill -0 $W 2>/dev/null && kill -0 $PID 2>/dev/null; do sleep 2; done; kill -- -$PID 2>/dev/null; sleep 20; kill -9 -- -$PID 2>/dev/null" \
+  setsid bash -c "while kill -0 $W 2>/dev/null && kill -0 $PID 2>/dev/null; do sleep 2; done; GRA_RAY_TEMP_DIR='$TEMP_DIR' bash '$HERE/stop-cpu.sh' $PID" \
     >/dev/null 2>&1 </dev/null &
 fi
 
 fail() {
   echo "start-cpu.sh: $1; last lines of $LOG:" >&2
   tail -n 30 "$LOG" >&2
-  kill -- "-$PID" 2>/dev/null || true
+  GRA_RAY_TEMP_DIR="$TEMP_DIR" bash "$HERE/stop-cpu.sh" "$PID"
   exit 1
 }
 DEADLINE=$(( $(date +%s) + TIMEOUT ))
