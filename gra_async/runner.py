@@ -45,6 +45,8 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str,
     data = config.model_dump(mode="json")
     for key in _OPERATIONAL:
         data["run"].pop(key, None)
+    if data["run"].get("shard") is None:  # added later: unsharded runs keep their hash
+        data["run"].pop("shard", None)
     if data["gate"].get("min_reviews") is None:  # added later: unset, old journals still match
         data["gate"].pop("min_reviews", None)
     data["endpoints"] = {
