@@ -117,7 +117,8 @@ contents() {
   listing=$("$python" -m zipfile -l "$wheel" | awk 'NR > 1 { print $1 }')
   sdist_listing=$(tar -tzf "$sdist" | sed 's|^[^/]*/||')
   for path in gra_async/data/prompts/generator.md gra_async/data/prompts/reviewer.md \
-      gra_async/data/prompts/adjudicator.md gra_async/data/seeds.jsonl gra_async/py.typed; do
+      gra_async/data/prompts/adjudicator.md gra_async/data/prompts/metadata.md \
+      gra_async/data/seeds.jsonl gra_async/py.typed; do
     grep -qx "$path" <<<"$listing" || { echo "the wheel lacks $path"; exit 1; }
     grep -qx "$path" <<<"$sdist_listing" || { echo "the sdist lacks $path"; exit 1; }
   done
@@ -284,7 +285,7 @@ folder = prompts.default_prompts_dir().resolve()
 assert package.is_relative_to(site), f"gra_async imported from {package}, not from {site}"
 assert folder.is_relative_to(site), f"prompts found in {folder}, not in {site}"
 assert not folder.is_relative_to(checkout), f"prompts read from the checkout: {folder}"
-prompts.PromptSet.load(None)  # the three templates parse
+assert prompts.PromptSet.load(None).metadata_template is not None  # all four templates parse
 print("package:", package.parent)
 print("prompts:", folder)
 EOF

@@ -82,7 +82,15 @@ async def run_gra(url: str, n: int, c: int) -> None:
 async def run_openai(url: str, n: int, c: int) -> None:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=300)
+    http_client = None
+    if c > 1000:  # its default pool holds 1,000 connections: a baseline capped below C is no baseline
+        import httpx
+        from openai import DefaultAsyncHttpxClient
+
+        http_client = DefaultAsyncHttpxClient(
+            limits=httpx.Limits(max_connections=c, max_keepalive_connections=c))
+    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=300,
+                         http_client=http_client)
     semaphore = asyncio.Semaphore(c)
 
     async def one() -> None:

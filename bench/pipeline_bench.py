@@ -3,10 +3,17 @@
     python bench/pipeline_bench.py                    # ~5,000 calls, L=0.5±0.1 s, C=500
     python bench/pipeline_bench.py --no-journal-disk  # the journal on a RAM disk (/dev/shm)
     python bench/pipeline_bench.py --metrics          # /metrics served and scraped every second
+    python bench/pipeline_bench.py --scale            # C=10,000, L=8±2 s, 30,000 accepted
+    python bench/pipeline_bench.py --latency 0 --jitter 0 --target 3000 --baseline  # CPU per call
 
 One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the fake
 server. Efficiency = (model calls * L / C) / wall, where wall is the pipeline's own run
-time (start-up and the endpoint probe excluded). Prints peak RSS too.
+time (start-up and the endpoint probe excluded). Prints peak RSS, CPU per call (this
+process: the orchestrator, the journal, the display off) and the event loop's lag (how
+late a 50 ms timer fires: what every reply waits on top of its latency). `--baseline`
+then sends as many calls at the same concurrency through a bare AsyncOpenAI + semaphore
+loop (bench/client_bench.py's `openai` candidate, in its own process) against the same
+server, and prints the ratio of requests per second.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import json
 import os
 import resource
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,8 +55,17 @@ def _scrape_every(url: str, period: float, stop: threading.Event, scrapes: list[
         scrapes.append(time.perf_counter() - started)
 
 
+async def _lag(samples: list[float], period: float = 0.05) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period
+        await asyncio.sleep(period)
+        samples.append(loop.time() - due)
+
+
 async def bench(
     run_dir: Path, url: str, target: int, concurrency: int, metrics: bool = False,
+    lags: list[float] | None = None,
 ) -> tuple[float, int, list[float]]:
     endpoints = {
         "generator": [{"base_url": url, "model": "gen-a", "max_concurrency": concurrency}],
@@ -67,11 +86,14 @@ async def bench(
         if server is not None:
             scraper = threading.Thread(target=_scrape_every, args=(server.url, 1.0, stop, scrapes))
             scraper.start()
+        lag = asyncio.create_task(_lag(lags)) if lags is not None else None
         try:
             started = time.perf_counter()
             await run.pipeline.run()
             wall = time.perf_counter() - started
         finally:
+            if lag is not None:
+                lag.cancel()
             stop.set()
             if scraper is not None:
                 scraper.join()
@@ -91,7 +113,14 @@ def main() -> None:
                         help="put the run directory on /dev/shm (RAM) to price the journal's disk writes")
     parser.add_argument("--metrics", action="store_true",
                         help="serve /metrics (gra_async.metrics) and scrape it every second")
+    parser.add_argument("--scale", action="store_true",
+                        help="the fleet scenario: C=10,000, L=8±2 s, target 30,000")
+    parser.add_argument("--baseline", action="store_true",
+                        help="then as many calls through bare AsyncOpenAI + a semaphore")
     args = parser.parse_args()
+    if args.scale:
+        args.concurrency, args.latency, args.jitter, args.target = 10_000, 8.0, 2.0, 30_000
+    _raise_fd_limit()
     try:
         import uvloop
 
@@ -100,15 +129,19 @@ def main() -> None:
         runner = asyncio.run
     # rev-c scores at random (the server's default): agreement, rejection and the
     # adjudicator all occur, as in a real run.
-    server = FakeServerProcess.start(models=list(MODELS), latency=args.latency, jitter=args.jitter,
+    server = FakeServerProcess.start(models=[*MODELS, "bench-model"], latency=args.latency, jitter=args.jitter,
                                      rules=[{"model": "rev-b", "content": review(9)},
                                             {"model": "adj-d", "content": json.dumps(
                                                 {"decision": "accept", "reason": "ok"})}])
     base = "/dev/shm" if args.no_journal_disk else None
     run_dir = Path(tempfile.mkdtemp(prefix="gra-bench-", dir=base))
+    lags: list[float] = []
+    cpu = time.process_time()
     try:
         wall, calls, scrapes = runner(bench(run_dir, server.base_url, args.target,
-                                            args.concurrency, args.metrics))
+                                            args.concurrency, args.metrics, lags))
+        cpu = time.process_time() - cpu
+        baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
         server.close()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -119,9 +152,34 @@ def main() -> None:
           f"metrics={'scraped every 1 s' if args.metrics else 'off'}")
     print(f"calls={calls} wall={wall:.2f}s ideal={ideal:.2f}s efficiency={ideal / wall:.2f} "
           f"calls/s={calls / wall:.0f} peak RSS={rss:.0f} MB")
+    lags.sort()
+    print(f"CPU per call={cpu / calls * 1e3:.3f} ms (whole process: orchestrator and journal)  "
+          f"loop lag p50={statistics.median(lags) * 1e3:.1f} ms "
+          f"p99={lags[int(len(lags) * 0.99)] * 1e3:.1f} ms max={lags[-1] * 1e3:.1f} ms")
+    if baseline is not None:
+        print(f"baseline (AsyncOpenAI + semaphore, same server, C, calls): wall={baseline['wall']:.2f}s "
+              f"calls/s={calls / baseline['wall']:.0f} CPU per call={baseline['cpu'] / calls * 1e3:.3f} ms "
+              f"peak RSS={baseline['rss_mb']:.0f} MB -> pipeline/baseline calls/s = "
+              f"{baseline['wall'] / wall:.2f}")
     if scrapes:
         print(f"scrapes={len(scrapes)} scrape time max={max(scrapes) * 1e3:.0f} ms "
               f"mean={sum(scrapes) / len(scrapes) * 1e3:.0f} ms")
+
+
+def _raise_fd_limit() -> None:
+    # The fake server is a child: it inherits the raised limit too.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _baseline(url: str, calls: int, concurrency: int) -> dict[str, float]:
+    script = Path(__file__).with_name("client_bench.py")
+    out = subprocess.run([sys.executable, str(script), "--worker", "openai", "--url", url,
+                          "-n", str(calls), "-c", str(concurrency)],
+                         capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from gra_async.errors import (
 if TYPE_CHECKING:
     from gra_async.pipeline import Draft
     from gra_async.quality import QualityReport, write_report
+    from gra_async.regating import RegateSummary, regate, regate_async
     from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
     from gra_async.scoring import Decision, Panel, ScoredReview
     from gra_async.synthesizer import RunSummary, StopReason, Synthesizer, TokenUsage, run
@@ -64,6 +65,7 @@ _LAZY = {
     **dict.fromkeys(("Adjudication", "FailedReview", "Review", "Sample", "read_samples"),
                     "gra_async.samples"),
     **dict.fromkeys(("Decision", "Panel", "ScoredReview"), "gra_async.scoring"),
+    **dict.fromkeys(("RegateSummary", "regate", "regate_async"), "gra_async.regating"),
     **dict.fromkeys(("RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"),
                     "gra_async.synthesizer"),
 }
@@ -94,6 +96,7 @@ __all__ = [
     "PlannerConfig",
     "QualityReport",
     "RateLimitError",
+    "RegateSummary",
     "RequestTimeout",
     "RetriesExhausted",
     "Review",
@@ -116,6 +119,8 @@ __all__ = [
     "__version__",
     "load_config",
     "read_samples",
+    "regate",
+    "regate_async",
     "run",
     "write_report",
 ]

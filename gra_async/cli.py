@@ -1,4 +1,4 @@
-"""`gra-async run | status | export | report | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | status | export | report | regate | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from gra_async import defaults
 from gra_async._concurrency import first_error, run_coroutine
-from gra_async.config import RunConfig, load_config, parse_endpoint_flag
+from gra_async.config import ROLES, EndpointConfig, RunConfig, load_config, parse_endpoint_flag
 from gra_async.errors import (
     ConfigError,
     EndpointError,
     GraError,
     Interrupted,
+    RetriesExhausted,
     Stalled,
     TransientError,
     UsageError,
     UserError,
 )
+from gra_async.formats import FORMATS, default_name
 
 if TYPE_CHECKING:
     from gra_async.synthesizer import Synthesizer
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--roles", choices=["fixed", "rotate"], help="role assignment (default fixed)")
     run.add_argument("--reviewers", type=int, metavar="N", help="review panel size per sample (0 = no review; default all)")
     run.add_argument("--no-adjudicator", action="store_true", help="ablation: disagreement is settled by the mean")
+    run.add_argument("--no-metadata", action="store_true",
+                     help="no keywords/summary call per accepted sample (metadata.enabled = false)")
     run.add_argument("--concurrency", type=int, metavar="N",
                      help=f"model calls in flight across the run (default {defaults.RUN_CONCURRENCY})")
     run.add_argument("--rpm", type=int, help="requests per minute, per --endpoint")
@@ -110,9 +114,31 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write accepted samples with full provenance")
     export.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
                         help=f"run directory (default {_DEFAULT_RUN_DIR})")
-    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
-    export.add_argument("--out", type=Path, help="output file (default RUN_DIR/samples.FORMAT)")
+    export.add_argument("--format", choices=list(FORMATS), default="jsonl",
+                        help="jsonl|parquet: every provenance field; alpaca|sharegpt|openai: "
+                             "training files; hf: a datasets.load_from_disk folder with a card")
+    export.add_argument("--out", type=Path,
+                        help="output file, or folder for hf (default RUN_DIR/samples.FORMAT; "
+                             "a .json name writes one JSON array, any other JSON Lines)")
     export.add_argument("--all", action="store_true", help="rejected and failed samples too")
+    export.add_argument("--with-provenance", action="store_true",
+                        help="training formats: keep the review, gate and model fields too")
+    export.add_argument("--llamafactory", action="store_true",
+                        help="add this export to the dataset_info.json beside it (LLaMA-Factory)")
+
+    regate = sub.add_parser("regate", help="decide a run's samples again under another gate, "
+                                           "from its journaled reviews, into a new run directory")
+    regate.add_argument("--run-dir", type=Path, required=True, help="the run to re-gate (only read)")
+    regate.add_argument("--out-run-dir", type=Path, required=True, help="the new run directory")
+    regate.add_argument("--accept-mean", type=float, metavar="X", help="new gate.accept_mean")
+    regate.add_argument("--disagreement-std", type=float, metavar="Y",
+                        help="new gate.disagreement_std")
+    regate.add_argument("--no-adjudicator", action="store_true",
+                        help="disagreement is settled by the mean: no adjudicator call")
+    regate.add_argument("--config", type=Path, help="TOML config whose adjudicator endpoints "
+                        "serve samples that become disputed without a journaled verdict")
+    regate.add_argument("--endpoint", action="append", default=[], metavar="adjudicator=[MODEL@]URL")
+    regate.add_argument("--api-key-env", metavar="VAR")
 
     report = sub.add_parser("report", help="data-quality report: one self-contained HTML file "
                                            "with figures (works while the run writes)")
@@ -121,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="output file (default RUN_DIR/report.html)")
 
     prompts = sub.add_parser("prompts", help="copy the bundled prompt templates to edit them")
-    prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the three templates to")
+    prompts.add_argument("out", type=Path, metavar="DIR", help="folder to write the templates to")
     prompts.add_argument("--force", action="store_true", help="overwrite templates already there")
 
     doctor = sub.add_parser("doctor", help="probe every endpoint: reachable, key, model, JSON output")
@@ -152,6 +178,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["planner"] = {"seeds": args.seeds}
     if getattr(args, "no_adjudicator", False):
         out["gate"] = {"adjudicator": False}
+    if getattr(args, "no_metadata", False):
+        out["metadata"] = {"enabled": False}
     endpoints: dict[str, list[dict[str, Any]]] = {}
     for text in args.endpoint:
         role, fields = parse_endpoint_flag(text)
@@ -251,9 +279,34 @@ def _status(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gra_async.report import export
 
-    out = args.out or args.run_dir / f"samples.{args.format}"
-    count, summary = export(args.run_dir, out, args.format, include_all=args.all)
-    print(f"wrote {count} samples to {out}; summary in {summary}")
+    out = args.out or args.run_dir / default_name(args.format)
+    count, summary = export(args.run_dir, out, args.format, include_all=args.all,
+                            with_provenance=args.with_provenance, llamafactory=args.llamafactory)
+    print(f"wrote {count} samples to {out}; summary in {summary}"
+          + (f"; LLaMA-Factory entry in {out.with_name('dataset_info.json')}"
+             if args.llamafactory else ""))
+    return EXIT_OK
+
+
+async def _regate(args: argparse.Namespace) -> int:
+    from gra_async.regating import regate_async
+
+    endpoints: list[EndpointConfig] = []
+    if args.config is not None or args.endpoint:
+        config = _config(args)
+        # In rotate every model may adjudicate (never its own sample: regate sees to that).
+        roles = ROLES if config.run.roles == "rotate" else ("adjudicator",)
+        endpoints = [e for role in roles for e in config.endpoints.get(role, ())]
+    try:
+        summary = await regate_async(
+            args.run_dir, args.out_run_dir, accept_mean=args.accept_mean,
+            disagreement_std=args.disagreement_std,
+            adjudicator=False if args.no_adjudicator else None, endpoints=endpoints)
+    except RetriesExhausted as exc:
+        print(f"error: regate: {exc}; run the same command again to resume (paid "
+              "adjudications are kept)", file=sys.stderr)
+        return EXIT_SHORT
+    print(summary.explain())
     return EXIT_OK
 
 
@@ -340,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "regate":
+            return run_coroutine(_regate(args))
         if args.command == "prompts":
             return _prompts(args)
         if args.command == "report":

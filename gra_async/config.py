@@ -25,6 +25,7 @@ __all__ = [
     "EndpointConfig",
     "GateConfig",
     "GenerationConfig",
+    "MetadataConfig",
     "PlannerConfig",
     "RunConfig",
     "RunSettings",
@@ -135,6 +136,15 @@ class GenerationConfig(_Strict):
     verdict_max_tokens: int = Field(defaults.VERDICT_MAX_TOKENS, ge=16)
 
 
+class MetadataConfig(_Strict):
+    """Keywords and a one-line summary per accepted sample, asked of the sample's generator."""
+
+    enabled: bool = True  # False (or `run --no-metadata`): no metadata call
+    keywords: int = Field(defaults.METADATA_KEYWORDS, ge=1, le=20)
+    max_tokens: int = Field(defaults.METADATA_MAX_TOKENS, ge=16)
+    temperature: float = Field(0.0, ge=0, le=2)
+
+
 class PlannerConfig(_Strict):
     """Where seeds come from and how their fields map onto ours."""
 
@@ -198,6 +208,7 @@ class RunConfig(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
     endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
     prompts_dir: Path | None = None  # None: the templates shipped in the package
 

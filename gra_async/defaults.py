@@ -48,3 +48,7 @@ GRACE_SECONDS = 10.0
 
 # Prometheus metrics (`run --metrics-port`): loopback only unless `--metrics-host` says otherwise.
 METRICS_HOST = "127.0.0.1"
+# Per-sample metadata (README: Metadata): keywords asked for, and what "one line" allows.
+METADATA_KEYWORDS = 5
+METADATA_MAX_TOKENS = 160
+SUMMARY_MAX_CHARS = 300

@@ -57,7 +57,13 @@ _ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"instruction", "response", "reviews", "criteria"}),
         frozenset({"instruction", "response", "reviews"}),
     ),
+    "metadata": (
+        frozenset({"instruction", "response", "keywords"}),
+        frozenset({"instruction", "response"}),
+    ),
 }
+# Added after prompts folders were first copied out: a folder without it uses the bundled one.
+_OPTIONAL = frozenset({"metadata"})
 
 
 def default_prompts_dir() -> Path:
@@ -144,10 +150,12 @@ def _criteria_line(criteria: Sequence[str]) -> str:
 
 
 def _score_format(criteria: Sequence[str]) -> str:
-    # Placeholders, not sample numbers: there is no score a small model could copy
-    # instead of giving its own (structured output still forces real integers).
-    scores = ", ".join(f'"{name}": <1-10>' for name in criteria)
-    return f'{{"scores": {{{scores}}}, "feedback": "<one or two sentences>"}}'
+    # The keys alone, no value to fill in: SmolLM2-135M handed back 11 of 12 times a shape
+    # with "<1-10>" and "<one or two sentences>" in it verbatim. The schema makes the
+    # structure; the words say what goes in it.
+    return (f'a JSON object with "scores" (an object giving each of {", ".join(criteria)} '
+            'a whole number from 1 to 10) and "feedback" (one or two sentences of your own '
+            "on what is right or wrong in the response)")
 
 
 def _examples_block(examples: Sequence[Seed]) -> str:
@@ -181,10 +189,12 @@ def _reviews_block(reviews: Sequence[ReviewView], criteria: Sequence[str]) -> st
 class PromptSet:
     """The three templates of a run, checked once at load time."""
 
-    def __init__(self, generator: Template, reviewer: Template, adjudicator: Template) -> None:
+    def __init__(self, generator: Template, reviewer: Template, adjudicator: Template,
+                 metadata: Template | None = None) -> None:
         self.generator_template = generator
         self.reviewer_template = reviewer
         self.adjudicator_template = adjudicator
+        self.metadata_template = metadata
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PromptSet:
@@ -197,6 +207,8 @@ class PromptSet:
         templates: dict[str, Template] = {}
         for role, (allowed, required) in _ROLES.items():
             path = folder / f"{role}.md"
+            if role in _OPTIONAL and not path.exists():
+                path = default_prompts_dir() / path.name
             try:
                 text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
@@ -205,7 +217,8 @@ class PromptSet:
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: cannot read prompt template ({exc})") from None
             templates[role] = Template.parse(text, str(path), allowed, required)
-        return cls(templates["generator"], templates["reviewer"], templates["adjudicator"])
+        return cls(templates["generator"], templates["reviewer"], templates["adjudicator"],
+                   templates["metadata"])
 
     def generator(self, domain: str, keywords: list[str], examples: list[Seed]) -> list[dict[str, str]]:
         return self.generator_template.render({
@@ -222,6 +235,14 @@ class PromptSet:
             "response": _defuse(response),
             "criteria": _criteria_line(criteria),
             "score_format": _score_format(criteria),
+        })
+
+    def metadata(self, instruction: str, response: str, keywords: int) -> list[dict[str, str]]:
+        assert self.metadata_template is not None, "PromptSet made without a metadata template"
+        return self.metadata_template.render({
+            "instruction": _defuse(instruction),
+            "response": _defuse(response),
+            "keywords": str(keywords),
         })
 
     def adjudicator(self, instruction: str, response: str, reviews: list[ReviewView],

@@ -6,19 +6,34 @@ is writing and can never damage it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gra_async import defaults
 from gra_async.accounting import failure_kind, token_cost
-from gra_async.errors import RunDirError
+from gra_async.errors import ConfigError, RunDirError
+from gra_async.formats import (
+    TRAINING_FORMATS,
+    ExportFormat,
+    dataset_card,
+    hf_schema,
+    llamafactory_entry,
+    sample_schema,
+    training_record,
+)
 from gra_async.store import TERMINAL_STATES, JournalReader, SampleRecord
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["export", "format_status", "sample_row", "status_report"]
 
@@ -138,29 +153,84 @@ def sample_row(record: SampleRecord) -> dict[str, Any]:
     return row
 
 
-def export(run_dir: Path, out: Path, fmt: str, *, include_all: bool = False) -> tuple[int, Path]:
+def export(
+    run_dir: Path, out: Path, fmt: ExportFormat, *, include_all: bool = False,
+    with_provenance: bool = False, llamafactory: bool = False,
+) -> tuple[int, Path]:
     """Write the samples (accepted only, unless `include_all`) and a run summary next to them.
 
-    One pass over the journal serves the rows and the summary. JSONL is written row by
-    row; Parquet holds the columns (Arrow), never a list of Python rows.
+    One pass over the journal serves the rows and the summary. Files are written row by
+    row (JSON, JSONL) or by chunks of columns (Parquet, Arrow), never as a list of every
+    row; each is written beside its place and renamed, so a reader never sees half of one.
+    `llamafactory` adds (or replaces) this export's entry in the `dataset_info.json` next
+    to it.
     """
+    if llamafactory and fmt == "hf":
+        raise ConfigError("--llamafactory: LLaMA-Factory reads files, not a dataset folder; "
+                          "export --format alpaca, sharegpt or openai for it")
     states = TERMINAL_STATES if include_all else ("accepted",)
     tally = _Tally()
     reader = JournalReader(run_dir)
     tmp = out.with_name(out.name + ".tmp")
     try:
+        config = orjson.loads(reader.meta("config") or "{}")
+        criteria = tuple(config.get("gate", {}).get("criteria") or defaults.CRITERIA)
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = (sample_row(r) for r in tally.counted(reader.samples()) if r.state in states)
-        written = _write_jsonl(rows, tmp) if fmt == "jsonl" else _write_parquet(rows, tmp)
-        totals = reader.call_totals()
-        os.replace(tmp, out)
-        summary_path = out.with_name(out.stem + ".summary.json")
-        summary_path.write_bytes(orjson.dumps(tally.summary(totals), option=orjson.OPT_INDENT_2))
+        rows: Iterator[dict[str, Any]] = (
+            sample_row(r) for r in tally.counted(reader.samples()) if r.state in states)
+        if fmt in TRAINING_FORMATS:
+            rows = (training_record(row, fmt, with_provenance=with_provenance) for row in rows)
+        if fmt == "hf":
+            written = _write_hf(rows, tmp, hf_schema(criteria, with_provenance=with_provenance))
+        elif fmt == "parquet":
+            written = _write_parquet(rows, tmp, sample_schema(criteria))
+        elif out.suffix == ".json":  # a JSON array, as Stanford Alpaca ships its data
+            written = _write_json_array(rows, tmp)
+        else:
+            written = _write_jsonl(rows, tmp)
+        summary = tally.summary(reader.call_totals())
+        if fmt == "hf":
+            (tmp / "README.md").write_text(dataset_card(out.name, config, summary), encoding="utf-8")
+        _replace(tmp, out)
+        summary_path = (out / "summary.json" if fmt == "hf"
+                        else out.with_name(out.stem + ".summary.json"))
+        summary_path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if llamafactory:
+            _add_llamafactory_entry(out, run_dir.resolve().name, fmt)
     except OSError as exc:
         raise RunDirError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
     finally:
         reader.close()
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
     return written, summary_path
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out`; a folder export replaces the old folder whole."""
+    if tmp.is_dir() and out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _add_llamafactory_entry(out: Path, name: str, fmt: ExportFormat) -> None:
+    """LLaMA-Factory's `dataset_info.json` lists many datasets: ours is added, not written over."""
+    info_path = out.with_name("dataset_info.json")
+    try:
+        info = orjson.loads(info_path.read_bytes()) if info_path.exists() else {}
+    except orjson.JSONDecodeError:
+        raise ConfigError(f"{info_path}: not valid JSON; fix or remove it before adding "
+                          "this export to it") from None
+    info[name] = llamafactory_entry(fmt, out.name)
+    tmp = info_path.with_name(info_path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    os.replace(tmp, info_path)
 
 
 def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
@@ -172,16 +242,56 @@ def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
     return written
 
 
-def _write_parquet(rows: Iterable[dict[str, Any]], path: Path) -> int:
+def _write_json_array(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    written = 0
+    with open(path, "wb") as handle:
+        handle.write(b"[")
+        for row in rows:
+            handle.write((b",\n" if written else b"\n") + orjson.dumps(row))
+            written += 1
+        handle.write(b"\n]\n")
+    return written
+
+
+def _write_parquet(rows: Iterable[dict[str, Any]], path: Path, schema: pa.Schema) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Chunks may disagree on a column's type (all-null so far, a field only some rows
-    # have): concatenation promotes them to one schema.
-    tables = [pa.Table.from_pylist(chunk) for chunk in _chunks(rows, 2048)]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    pq.write_table(table, path)
-    return int(table.num_rows)
+    written = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for chunk in _chunks(rows, 2048):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            written += len(chunk)
+    return written
+
+
+def _write_hf(rows: Iterable[dict[str, Any]], folder: Path, schema: pa.Schema) -> int:
+    """What `datasets.Dataset.save_to_disk` writes: an Arrow stream, its state and its info.
+
+    Written with pyarrow alone, so exporting needs no `datasets` install; the features
+    are left out of the info, and `datasets` reads them from the Arrow schema.
+    """
+    import pyarrow as pa
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    data = "data-00000-of-00001.arrow"
+    written = 0
+    digest = hashlib.sha256()
+    with pa.OSFile(str(folder / data), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for chunk in _chunks(rows, 2048):
+            batch = pa.RecordBatch.from_pylist(chunk, schema=schema)
+            writer.write_batch(batch)
+            digest.update(orjson.dumps([r.get("instruction") for r in chunk]))
+            written += len(chunk)
+    state: dict[str, Any] = {"_data_files": [{"filename": data}], "_fingerprint": digest.hexdigest()[:16],
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+             "_output_all_columns": False, "_split": None}
+    info = {"citation": "", "description": "Samples synthesized by gra-async (GRA method)",
+            "homepage": "", "license": ""}
+    (folder / "state.json").write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    (folder / "dataset_info.json").write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    return written
 
 
 def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from gra_async._resources import ensure_open_files
 from gra_async.client import AiohttpTransport, EndpointStats, Transport
 from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator, layout
@@ -165,6 +166,7 @@ async def open_run(
         stack.callback(seeds.close)
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
+        ensure_open_files(config.run.concurrency)
         if config.has_endpoints:  # the embedded default's caps are ours, sized to its servers
             for note in team.binding_caps(config.run.concurrency):
                 log.warning("%s", note)

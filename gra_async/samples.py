@@ -2,7 +2,7 @@
 
 These are the file formats' models (pydantic): the export's fields as the README lists them, in
 that order, then the provenance a run adds (`round`, `failed_reviews`, `duplicate_of`,
-`reason`). Unknown keys in a journal written by a later version are ignored.
+`reason`) and the metadata (`keywords`, `summary`). Unknown keys in a journal written by a later version are ignored.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class Sample(_Record):
     failed_reviews: list[FailedReview] = Field(default_factory=list)
     duplicate_of: str | None = None
     reason: str | None = None  # why a filter rejected it, or why the task failed
+    keywords: list[str] = Field(default_factory=list)  # metadata (README: Metadata)
+    summary: str | None = None
 
 
 def read_samples(run_dir: str | Path, *, include_all: bool = False) -> Iterator[Sample]:

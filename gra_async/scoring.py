@@ -40,6 +40,7 @@ __all__ = [
     "Panel",
     "PanelScore",
     "ReviewReply",
+    "SampleMetadata",
     "ScoredReview",
     "Verdict",
     "aggregate",
@@ -47,7 +48,10 @@ __all__ = [
     "decide",
     "extract_json",
     "generation_schema",
+    "is_placeholder",
+    "metadata_schema",
     "parse_generation",
+    "parse_metadata",
     "parse_review",
     "parse_verdict",
     "response_format",
@@ -81,6 +85,29 @@ def _text(data: Mapping[str, Any], key: str, *, required: bool) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string")
     return value.strip()
+
+
+# What the bundled prompts show as the shape of a reply: a model that hands these back
+# has not answered (seen with SmolLM2-135M: 11 of 12 reviews returned the shape verbatim).
+_PROMPT_EXAMPLES = frozenset({"one or two sentences", "one sentence saying why",
+                              "one line", "a few keywords", "keyword", "summary"})
+_ANGLE_PLACEHOLDER = re.compile(r"\s*<[^<>\n]{1,80}>\s*")
+
+
+def is_placeholder(text: str) -> bool:
+    """True for a prompt's placeholder handed back as if it were an answer: `<...>`, `...`,
+    or one of the bundled prompts' example phrases."""
+    folded = " ".join(text.casefold().split()).strip(" .\"'")
+    return (not any(ch.isalnum() for ch in text) or bool(_ANGLE_PLACEHOLDER.fullmatch(text))
+            or folded in _PROMPT_EXAMPLES)
+
+
+def _answer(data: Mapping[str, Any], key: str, *, required: bool) -> str:
+    """A free-text field that must be the model's own words, not the prompt's placeholder."""
+    value = _text(data, key, required=required)
+    if value and is_placeholder(value):
+        raise ValueError(f"{key} {value[:40]!r} is the prompt's placeholder, not an answer")
+    return value
 
 
 class GeneratedSample(BaseModel):
@@ -167,7 +194,7 @@ class ReviewReply(BaseModel):
                 if criterion.casefold() not in given:
                     raise ValueError(f"missing score for {criterion}")
                 scores[criterion] = _score(given[criterion.casefold()], criterion)
-        return {"scores": scores, "feedback": _text(top, "feedback", required=False)}
+        return {"scores": scores, "feedback": _answer(top, "feedback", required=False)}
 
     @property
     def mean(self) -> float:
@@ -192,7 +219,58 @@ class Verdict(BaseModel):
         decision = {"accepted": "accept", "rejected": "reject"}.get(decision, decision)
         if decision not in ("accept", "reject"):
             raise ValueError(f"decision {decision[:40]!r} is not accept or reject")
-        return {"decision": decision, "reason": _text(top, "reason", required=False)}
+        return {"decision": decision, "reason": _answer(top, "reason", required=False)}
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+class SampleMetadata(BaseModel):
+    """A few keywords and a one-line summary of an accepted sample, as the paper keeps.
+
+    Validate with `context={"sample": (instruction, response)}`: a summary that is the
+    instruction or the response itself is an echo, not a summary. Keywords are
+    deduplicated (case-insensitively) and capped at `context["keywords"]` (default 5).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keywords: tuple[str, ...] = Field(min_length=1)
+    summary: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            raise ValueError("reply is not a JSON object")
+        context = info.context or {}
+        top = _keys_casefolded(data)
+        summary = " ".join(_answer(top, "summary", required=True).split())
+        if len(summary) < 8:
+            raise ValueError("summary is empty or too short to say anything")
+        if len(summary) > defaults.SUMMARY_MAX_CHARS:
+            raise ValueError(f"summary is longer than one line ({len(summary)} characters)")
+        if _normalized(summary) in {_normalized(t) for t in context.get("sample", ())}:
+            raise ValueError("summary repeats the sample instead of summarising it")
+        raw = top.get("keywords")
+        if isinstance(raw, str):  # "a, b, c": the same answer in another shape
+            raw = raw.split(",")
+        if not isinstance(raw, list):
+            raise ValueError("keywords is not a list")
+        keywords: list[str] = []
+        for item in raw:
+            if not isinstance(item, str):
+                raise ValueError("a keyword is not a string")
+            word = " ".join(item.split()).strip(" .,;")
+            if not word or is_placeholder(word) or len(word) > 40 or len(word.split()) > 4:
+                raise ValueError(f"keyword {item[:40]!r} is not a keyword (1-4 words)")
+            if word.casefold() not in {k.casefold() for k in keywords}:
+                keywords.append(word)
+        if not keywords:
+            raise ValueError("no keywords")
+        return {"keywords": tuple(keywords[: int(context.get("keywords", 5))]),
+                "summary": summary}
 
 
 # --------------------------------------------------------------------------- schemas
@@ -255,6 +333,20 @@ def verdict_schema(max_tokens: int | None = None) -> dict[str, Any]:
             "reason": _string(max_tokens, 2.0),
         },
         "required": ["decision", "reason"],
+        "additionalProperties": False,
+    }
+
+
+def metadata_schema(keywords: int = 5) -> dict[str, Any]:
+    """JSON Schema of the metadata reply: short keywords, then a summary of one line."""
+    return {
+        "type": "object",
+        "properties": {
+            "keywords": {"type": "array", "items": {"type": "string", "maxLength": 40},
+                         "minItems": 1, "maxItems": keywords},
+            "summary": {"type": "string", "maxLength": defaults.SUMMARY_MAX_CHARS},
+        },
+        "required": ["keywords", "summary"],
         "additionalProperties": False,
     }
 
@@ -336,6 +428,12 @@ def parse_generation(text: str) -> GeneratedSample:
 def parse_review(text: str, criteria: Sequence[str]) -> ReviewReply:
     review: ReviewReply = _validated(ReviewReply, text, {"criteria": tuple(criteria)})
     return review
+
+
+def parse_metadata(text: str, instruction: str, response: str, keywords: int = 5) -> SampleMetadata:
+    metadata: SampleMetadata = _validated(SampleMetadata, text, {
+        "sample": (instruction, response), "keywords": keywords})
+    return metadata
 
 
 def parse_verdict(text: str) -> Verdict:

@@ -206,7 +206,7 @@ class TestLimits:
         # 16 at once: held back, with latency flat, it grows to the cap. 50 ms of latency:
         # at ~1 ms a scheduling hiccup of the shared machine would read as a queue.
         server.control(latency=0.05)
-        for _ in range(20):
+        for _ in range(40):
             await asyncio.gather(*(pool.chat(REQUEST) for _ in range(16)))
         assert ep.stats().window == 8
 

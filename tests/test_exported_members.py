@@ -28,6 +28,7 @@ EXPORTED = [
     "PlannerConfig",
     "QualityReport",
     "RateLimitError",
+    "RegateSummary",
     "RequestTimeout",
     "RetriesExhausted",
     "Review",
@@ -50,6 +51,8 @@ EXPORTED = [
     "__version__",
     "load_config",
     "read_samples",
+    "regate",
+    "regate_async",
     "run",
     "write_report",
 ]

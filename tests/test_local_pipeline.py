@@ -70,6 +70,8 @@ def test_three_real_roles_every_reply_parsed(
     config.write_text(f"""
 [run]
 max_tasks = 3
+[metadata]
+enabled = false  # the GRA roles' replies are under test; the embedded-default test describes
 [generation]
 max_tokens = 256
 review_max_tokens = 160

@@ -297,7 +297,12 @@ def test_cost_from_configured_prices(fake_server: FakeServer, tmp_path: Path) ->
     fake_server.control(rules=[{"model": REV_B, "content": review(9)}])
     summary = synthesize(tmp_path, endpoints=team, target=2, run={"concurrency": 1})
     got = status(tmp_path)
-    rows = {row["model"]: row for row in got["by_model"]}
+    # Per model, whatever the role: the generator's model also writes the metadata.
+    rows: dict[str, dict[str, int]] = {}
+    for row in got["by_model"]:
+        tally = rows.setdefault(row["model"], {"prompt_tokens": 0, "completion_tokens": 0})
+        tally["prompt_tokens"] += row["prompt_tokens"]
+        tally["completion_tokens"] += row["completion_tokens"]
     expected = (rows[GEN]["prompt_tokens"] * 1.0 + rows[GEN]["completion_tokens"] * 2.0
                 + rows[REV_B]["prompt_tokens"] * 0.5) / 1e6
     assert got["cost"] == pytest.approx(expected) and expected > 0

@@ -8,8 +8,9 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   latency without a queue. An epoch's mean, not the fastest reply: with 500 +- 100 ms of
   jitter the fastest replies are 20% under the typical one, and a base that low reads as
   a queue that is not there.
-- An epoch whose mean is over the base by `_TOLERANCE` of it, and by `_NOISE` seconds
-  (below ~20 ms a busy client's own event-loop lag moves latency more than a queue does),
+- An epoch whose mean is over the base by `_TOLERANCE` of it, by `_NOISE` seconds (below
+  ~20 ms a busy client's own event-loop lag moves latency more than a queue does) and by
+  three standard errors of that mean (a shared machine's stalls are noise, not a queue)
   had a queue in front of it. By Little's law the server sustains throughput x base
   calls; the window goes there, plus `_MARGIN`.
 - An epoch without a queue in which the window held calls back grows it: doubling while
@@ -34,6 +35,7 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Final
 
@@ -56,10 +58,9 @@ class ConcurrencyWindow:
 
     __slots__ = (
         "_base", "_blocked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_last",
-        "_latency_sum",
-        "_next_probe", "_probe", "_reference", "_replies", "_restore", "_samples", "_series",
-        "_settling", "_started",
-        "adaptive", "cap", "value",
+        "_latency_sum", "_next_probe", "_probe", "_reference", "_replies", "_restore",
+        "_samples", "_series", "_settling", "_square_sum", "_started", "adaptive", "cap",
+        "value",
     )
 
     def __init__(self, cap: int, *, adaptive: bool = True) -> None:
@@ -71,6 +72,7 @@ class ConcurrencyWindow:
         self._replies = 0  # every reply of this epoch, for its throughput
         self._samples = 0  # the replies whose latency counts (see `replied`)
         self._latency_sum = 0.0
+        self._square_sum = 0.0  # for the epoch mean's standard error
         self._fastest = float("inf")  # of the first epoch
         self._blocked = False  # the window held a call back during this epoch
         self._settling = False  # the window changed: this epoch shows the old one, not it
@@ -114,6 +116,7 @@ class ConcurrencyWindow:
             return  # a probe measures only calls sent under its own window, not the queue's
         self._samples += 1
         self._latency_sum += latency
+        self._square_sum += latency * latency
         if self._samples < _MIN_SAMPLES:
             return
         elapsed = now - self._started
@@ -132,7 +135,9 @@ class ConcurrencyWindow:
             return  # less than a round trip: the window's effect is not in yet
         if self._settling and in_flight > self.limit:
             return  # what was sent under a larger window is still draining
-        self._close(mean, self._replies / elapsed, now)
+        n = self._samples
+        error = math.sqrt(max(0.0, self._square_sum / n - mean * mean) / (n - 1))
+        self._close(mean, error, self._replies / elapsed, now)
 
     def overloaded(self, now: float) -> None:
         """A 429 or 503: the server said it is over its capacity."""
@@ -155,9 +160,10 @@ class ConcurrencyWindow:
             self.value = value
             self._settling = True
 
-    def _close(self, mean: float, throughput: float, now: float) -> None:
+    def _close(self, mean: float, error: float, throughput: float, now: float) -> None:
         first, blocked, settling = not self._base, self._blocked, self._settling
-        self._started, self._replies, self._samples, self._latency_sum = now, 0, 0, 0.0
+        self._started, self._replies, self._samples = now, 0, 0
+        self._latency_sum = self._square_sum = 0.0
         self._blocked = self._settling = False
         self._epochs += 1
         if self._probe:
@@ -179,7 +185,7 @@ class ConcurrencyWindow:
             # or did the work itself get slower (longer replies)? A probe tells.
             self._start_probe()
             return
-        if mean > base * (1.0 + _TOLERANCE) and mean - base > _NOISE:
+        if mean - base > max(base * _TOLERANCE, _NOISE, 3.0 * error):
             self._found_knee()
             target = min(self.value, throughput * base * (1.0 + _MARGIN))
             if target < self.value * 0.9:
@@ -198,12 +204,19 @@ class ConcurrencyWindow:
         self._next_probe = self._epochs + _PROBE_EVERY
         self._restore = self.value
         self._probe = 2
-        self._set(self.value * _PROBE_DEPTH)
+        self._set(min(self.value * _PROBE_DEPTH, self.limit - 1.0))
 
     def _probed(self, mean: float, throughput: float) -> None:
         """The measuring epoch of a probe: the latency under a smaller window."""
         base, reference = self.base, self._reference
         self._base.append(mean)
+        if self.limit >= int(self._restore):
+            # One call at a time, so no queue of ours: this latency is the base.
+            self._series = False
+            self._base.clear()
+            self._base.append(mean)
+            self._set(self._restore)
+            return
         if reference is None or throughput >= reference * 0.9:
             # A smaller window and the same throughput (or nothing to compare with, after a
             # first burst): still past the knee, this latency still had a queue in it. Back

@@ -11,21 +11,32 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from gra_async.client import ChatRequest
 from gra_async.config import Role, RunConfig
 from gra_async.errors import InvalidReply, TaskFailed
 from gra_async.pipeline._progress import Progress
 from gra_async.planner import Task
-from gra_async.scoring import generation_schema, response_format, review_schema, verdict_schema
+from gra_async.scoring import (
+    generation_schema,
+    metadata_schema,
+    response_format,
+    review_schema,
+    verdict_schema,
+)
 from gra_async.store import CallRecord, Journal, call_key
 from gra_async.team import Team
 
-__all__ = ["Caller"]
+__all__ = ["CallRole", "Caller"]
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
+# What a call is for, as the journal and `status` name it. Metadata is asked of the
+# sample's generator, through the generator's pool.
+CallRole = Literal["generator", "reviewer", "adjudicator", "metadata"]
+_POOL: dict[CallRole, Role] = {"generator": "generator", "reviewer": "reviewer",
+                               "adjudicator": "adjudicator", "metadata": "generator"}
 
 
 class Caller:
@@ -42,10 +53,15 @@ class Caller:
             "generator": generation_schema(gen.max_tokens),
             "reviewer": review_schema(config.gate.criteria, gen.review_max_tokens),
             "adjudicator": verdict_schema(gen.verdict_max_tokens),
+            "metadata": metadata_schema(config.metadata.keywords),
         }
-        self._max_tokens: dict[Role, int] = {
+        self._max_tokens: dict[CallRole, int] = {
             "generator": gen.max_tokens, "reviewer": gen.review_max_tokens,
-            "adjudicator": gen.verdict_max_tokens,
+            "adjudicator": gen.verdict_max_tokens, "metadata": config.metadata.max_tokens,
+        }
+        self._temperature: dict[CallRole, float] = {
+            "generator": gen.temperature, "reviewer": gen.review_temperature,
+            "adjudicator": gen.review_temperature, "metadata": config.metadata.temperature,
         }
 
     def reuse(self, replies: dict[str, CallRecord]) -> None:
@@ -61,8 +77,8 @@ class Caller:
         self._made.pop(task_id, None)
 
     async def structured(
-        self, task: Task, role: Role, model: str, messages: Messages, parse: Callable[[str], T],
-        slot: str,
+        self, task: Task, role: CallRole, model: str, messages: Messages,
+        parse: Callable[[str], T], slot: str,
     ) -> tuple[T, CallRecord]:
         """A call whose reply must parse; an invalid reply is asked again, within a budget.
 
@@ -91,10 +107,10 @@ class Caller:
         raise TaskFailed(f"invalid {role} reply after {budget + 1} tries from {model}: {reason}")
 
     async def call(
-        self, task: Task, role: Role, model: str, messages: Messages, slot: str, max_tokens: int,
+        self, task: Task, role: CallRole, model: str, messages: Messages, slot: str,
+        max_tokens: int,
     ) -> CallRecord:
-        gen = self._config.generation
-        temperature = gen.temperature if role == "generator" else gen.review_temperature
+        temperature = self._temperature[role]
         fmt = response_format(f"gra_{role}", self._schemas[role],
                               self._team.json_modes.get(model, "json_schema"))
         params = {"max_tokens": max_tokens, "temperature": temperature, "response_format": fmt}
@@ -107,7 +123,7 @@ class Caller:
         request = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
                               response_format=fmt)
         async with self._slots:
-            reply = await self._team.pools[role].chat(request, model=model)
+            reply = await self._team.pools[_POOL[role]].chat(request, model=model)
         self._progress.last_activity = time.monotonic()
         record = CallRecord(key, task.id, role, model, reply.endpoint, reply.content,
                             reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,

@@ -66,6 +66,8 @@ class SampleBody:
     duplicate_of: str | None = None
     reason: str | None = None  # why a filter rejected it, or why the task failed
     failure: str | None = None  # the failure's kind, for counting
+    keywords: tuple[str, ...] | None = None  # metadata of an accepted sample
+    summary: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The journal's `body`: the export's fields, and the optional ones only when set."""
@@ -84,10 +86,12 @@ class SampleBody:
                 "reason": self.adjudication.reason},
             "decision": self.decision,
         }
-        for key in ("duplicate_of", "reason", "failure"):
+        for key in ("duplicate_of", "reason", "failure", "summary"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
+        if self.keywords is not None:
+            body["keywords"] = list(self.keywords)
         return body
 
 

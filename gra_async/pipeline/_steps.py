@@ -1,4 +1,5 @@
-"""The GRA steps of one task: generate, copy check, filters, review panel, gate, adjudicator.
+"""The GRA steps of one task: generate, copy check, filters, review panel, gate, adjudicator,
+metadata.
 
 `TaskSteps.run` takes a planned task to a `SampleBody` with a decision; what happens to
 that decision (the target, the final dedup insert, the counters) is the scheduler's.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeAlias
 
@@ -32,6 +34,7 @@ from gra_async.scoring import (
     aggregate,
     decide,
     parse_generation,
+    parse_metadata,
     parse_review,
     parse_verdict,
 )
@@ -39,6 +42,8 @@ from gra_async.store import Journal
 from gra_async.team import Team
 
 __all__ = ["Filter", "Gate", "GateVerdict", "TaskSteps", "dedup_text"]
+
+log = logging.getLogger("gra_async")
 
 GateVerdict: TypeAlias = Literal["accept", "reject", "adjudicate"]
 Filter: TypeAlias = Callable[[Draft], "str | Awaitable[str | None] | None"]
@@ -165,7 +170,28 @@ class TaskSteps:
         else:
             self._record(task, "reviewed", body)
         body.decision = "accept" if decision is Decision.ACCEPT else "reject"
+        if body.decision == "accept" and self._config.metadata.enabled:
+            await self._describe(task, body, team.generator)
         return body
+
+    async def _describe(self, task: Task, body: SampleBody, model: str) -> None:
+        """Keywords and a summary of an accepted sample, asked of the model that wrote it.
+
+        Metadata that stays invalid after the re-asks leaves the sample without it: an
+        accepted sample is never lost to its description.
+        """
+        count = self._config.metadata.keywords
+        instruction, response = body.instruction, body.response
+        messages = self._prompts.metadata(instruction, response, count)
+        try:
+            meta, reply = await self._caller.structured(
+                task, "metadata", model, messages,
+                lambda text: parse_metadata(text, instruction, response, count), "meta")
+        except TaskFailed as exc:
+            log.info("task %s keeps no metadata: %s", task.id, exc)
+            return
+        body.keywords, body.summary = meta.keywords, meta.summary
+        body.tokens += reply.prompt_tokens + reply.completion_tokens
 
     async def _decide(self, panel: Panel | None, *, has_adjudicator: bool) -> Decision:
         """The gate, in one place: the configured rule or the user's, then the fallback

@@ -87,6 +87,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -558,6 +559,26 @@ class _SchemaFiller:
             text += " " + _words(self.rng, 8)
         max_len = schema.get("maxLength")
         return text[: int(max_len)] if isinstance(max_len, int) else text
+
+
+def _asks_for_metadata(schema: Any) -> bool:
+    """gra-async's metadata call: its schema asks for `keywords` and `summary`."""
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    return isinstance(props, Mapping) and {"keywords", "summary"} <= set(props)
+
+
+_SAMPLE_INSTRUCTION: Final = re.compile(r"<instruction>\s*(.*?)\s*</instruction>", re.DOTALL)
+
+
+def _metadata_reply(text: str, rng: random.Random) -> dict[str, Any]:
+    """Keywords and a summary that describe the sample in the prompt, as a model would:
+    its longest distinct words, and a sentence about its instruction."""
+    found = _SAMPLE_INSTRUCTION.search(text)
+    words = re.findall(r"[A-Za-z][A-Za-z-]{3,}", found.group(1) if found else text)
+    keywords = sorted(dict.fromkeys(w.casefold() for w in words), key=lambda w: (-len(w), w))[:3]
+    subject = " ".join(words[:8]) or rng.choice(_WORDS)
+    return {"keywords": keywords or [rng.choice(_WORDS)],
+            "summary": f"A task about {subject}, answered in one reply."}
 
 
 def _opt_number(value: Any) -> float | None:
@@ -1295,10 +1316,16 @@ class FakeOpenAIServer:
     def _content(
         self, model: str, messages: list[Any], text: str, reply_seed: int, schema: Any
     ) -> str:
+        # A rule by model alone scripts the GRA roles' replies; gra-async's metadata call
+        # goes to a generator too, and is answered from its sample unless a rule names
+        # text of its prompt (`contains`).
+        metadata = _asks_for_metadata(schema)
         for i, rule in enumerate(self.knobs.rules):
             if rule.model is not None and rule.model != model:
                 continue
             if rule.contains is not None and rule.contains not in text:
+                continue
+            if metadata and rule.contains is None:
                 continue
             left = self._rule_left[i]
             if left is not None:
@@ -1309,6 +1336,8 @@ class FakeOpenAIServer:
             return rule.content
         rng = random.Random(reply_seed)
         topic = _topic(messages)
+        if metadata:
+            return orjson.dumps(_metadata_reply(text, rng)).decode()
         if schema is not None:
             filler = _SchemaFiller(schema if isinstance(schema, Mapping) else {}, rng, topic)
             return orjson.dumps(filler.value(schema)).decode()
