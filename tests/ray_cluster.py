@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -110,6 +111,8 @@ class RayCluster:
     def stop(self) -> None:
         subprocess.run(["bash", str(RAY_DIR / "stop-cpu.sh"), str(self.pid)], env=self.env,
                        capture_output=True, timeout=120, check=False)
+        # Ray's session logs run to tens of MB per start; a failed start's are quoted above.
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_cpu_cluster() -> RayCluster:
@@ -135,6 +138,7 @@ def start_cpu_cluster() -> RayCluster:
     done = subprocess.run(["bash", str(RAY_DIR / "start-cpu.sh")], env=env, capture_output=True,
                           text=True, timeout=START_TIMEOUT + 120, check=False)
     if done.returncode != 0:
+        shutil.rmtree(temp_dir, ignore_errors=True)
         pytest.fail(f"servers/ray/start-cpu.sh failed ({done.returncode}):\n{done.stderr[-4000:]}",
                     pytrace=False)
     fields = dict(item.split("=", 1) for item in done.stdout.split())
