@@ -111,7 +111,7 @@ class RayCluster:
     def stop(self) -> None:
         subprocess.run(["bash", str(RAY_DIR / "stop-cpu.sh"), str(self.pid)], env=self.env,
                        capture_output=True, timeout=120, check=False)
-        # Ray's session logs run to tens of MB per start; a failed start's are quoted above.
+        # Ray's session logs take a few MB per start; a failed start's tail is quoted above.
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
