@@ -91,6 +91,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="continue a run directory made with another config")
     parser.add_argument("--retry-failed", action="store_true",
                         help="plan again failed tasks whose endpoint failed them (not their replies)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="plan only shard I of N (tasks I, I+N, ...): N orchestrators share "
+                             "one plan; join them with merge")
     parser.add_argument("--no-metadata", action="store_true",
                         help="no keywords/summary call per accepted sample (metadata.enabled = false)")
     parser.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -166,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--force", action="store_true", help="overwrite templates already there")
 
     doctor = sub.add_parser("doctor", help="probe every endpoint: reachable, key, model, JSON output")
+    merge = sub.add_parser("merge", help="join run directories of one config (shards) into a new one, deduplicated across them")
+    merge.add_argument("--run-dir", type=Path, action="append", required=True, dest="run_dirs",
+                       metavar="DIR", help="a run directory to merge (repeat; earlier ones win ties)")
+    merge.add_argument("--out", type=Path, required=True, help="the new run directory")
+
     doctor.add_argument("--config", type=Path)
     doctor.add_argument("--endpoint", action="append", default=[], metavar="ROLE=[MODEL@]URL")
     doctor.add_argument("--api-key-env", metavar="VAR")
@@ -180,7 +188,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                       ("rounds", "rounds"), ("seed", "seed"), ("grace", "grace"),
                       ("max_tasks", "max_tasks"), ("metrics_port", "metrics_port"),
                       ("metrics_host", "metrics_host"), ("max_cost", "max_cost"),
-                      ("mode", "mode")):
+                      ("mode", "mode"), ("shard", "shard")):
         value = getattr(args, flag, None)
         if value is not None:
             run[key] = value
@@ -337,6 +345,16 @@ async def _regate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from gra_async.merge import merge_runs
+
+    done = merge_runs(args.run_dirs, args.out)
+    print(f"merged {done.sources} run directories into {done.out}: {done.accepted} accepted, "
+          f"{done.duplicates} duplicates across them rejected, {done.samples} samples in all"
+          + (f", {done.same_task} tasks found in more than one (the first kept)" if done.same_task else ""))
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace) -> int:
     from gra_async.quality import write_report
 
@@ -418,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prompts(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "merge":
+            return _merge(args)
         return run_coroutine(_doctor(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

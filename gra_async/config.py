@@ -8,6 +8,7 @@ A validation error becomes one `ConfigError` line naming the key and its source.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -183,6 +184,29 @@ class RunSettings(_Strict):
     max_cost: float | None = Field(None, gt=0)
     # "batch": each wave of calls goes to the provider's Batch API (files + batches).
     mode: Literal["online", "batch"] = "online"
+    # "I/N": this process plans only tasks I, I+N, I+2N, ... of each round, so N orchestrators
+    # share one plan without overlap; `merge` joins their run directories. None: the whole plan.
+    shard: str | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            shard_parts(value)
+        return value
+
+    @property
+    def shard_parts(self) -> tuple[int, int]:
+        """(I, N) of `shard`; (0, 1) for the whole plan."""
+        return shard_parts(self.shard) if self.shard is not None else (0, 1)
+
+
+def shard_parts(text: str) -> tuple[int, int]:
+    """"I/N" as (I, N), with 0 <= I < N; ValueError saying what is expected otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"{text!r} is not a shard I/N with 0 <= I < N, like 0/4")
+    return int(match[1]), int(match[2])
 
 
 class BatchConfig(_Strict):

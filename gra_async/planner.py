@@ -76,14 +76,20 @@ class Planner:
             self._keywords[key] = top_keywords(*self._seeds.frequencies(domain, round), n)
         return list(self._keywords[key])
 
-    def tasks(self, round: int, start: int = 0) -> Iterator[Task]:
+    def tasks(self, round: int, start: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[Task]:
         """Tasks `start`, `start + 1`, ... of a round, without end.
 
         The pool is fixed when this is called (seeds added later join the next call),
-        so the stream does not depend on when `add_seeds` runs.
+        so the stream does not depend on when `add_seeds` runs. With `shard=(i, n)` only
+        the tasks whose index is i modulo n: n shards split the same plan without overlap
+        (task ids stay those of the whole plan), and a shard takes every domain in turn
+        as the whole plan does, since the domains' cycle is interleaved, not cut in blocks.
         """
         if start < 0:
             raise ValueError("start must be >= 0")
+        part, count = shard
+        if not 0 <= part < count:
+            raise ValueError("shard must be (i, n) with 0 <= i < n")
         sizes = self._seeds.pool_sizes(round)
         domains = sorted(sizes)
         order: list[str] = []
@@ -94,6 +100,9 @@ class Planner:
                 cycle = index // len(domains)
                 order = list(domains)
                 _rng(self.run_seed, round, "cycle", cycle).shuffle(order)
+            if index % count != part:
+                index += 1
+                continue
             domain = order[index % len(domains)]
             rng = _rng(self.run_seed, round, index)
             picks = rng.sample(range(sizes[domain]), min(self.few_shot, sizes[domain]))

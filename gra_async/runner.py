@@ -48,6 +48,8 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str,
     for key in _OPERATIONAL:
         data["run"].pop(key, None)
     data.pop("batch", None)  # how calls travel, not what they ask
+    if data["run"].get("shard") is None:  # added later: unsharded runs keep their hash
+        data["run"].pop("shard", None)
     if data["gate"].get("min_reviews") is None:  # added later: unset, old journals still match
         data["gate"].pop("min_reviews", None)
     data["endpoints"] = {

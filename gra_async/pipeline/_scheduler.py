@@ -293,7 +293,8 @@ class Pipeline:
 
     async def _admit(self, rnd: int, admit: asyncio.Semaphore, tasks: asyncio.TaskGroup) -> None:
         """The round's plan, then the tasks parked along the way, until the goal or a stop."""
-        plan = (t for t in islice(self.planner.tasks(rnd), plan_size(self.config))
+        tasks_of_round = self.planner.tasks(rnd, shard=self.config.run.shard_parts)
+        plan = (t for t in islice(tasks_of_round, plan_size(self.config))
                 if (t.round, t.index) not in self._finished)
         in_slice = 0
         while True:
