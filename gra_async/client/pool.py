@@ -133,19 +133,22 @@ class EndpointPool:
                 best.admitted(now)
                 return best
             wake = [t for e in candidates if (t := e.wake_time(now)) is not None]
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
             waiters.append(future)
+            # A timer resolves the same future when a hold ends or a probe is due. Not
+            # asyncio.wait_for: on 3.11, a cancellation that lands as the future is resolved
+            # is swallowed, and a stopped run then waited ~50 s for such a call to finish.
+            timer = loop.call_later(min(wake) - now, _resolve, future) if wake else None
             try:
-                if wake:
-                    await asyncio.wait_for(future, min(wake) - now)
-                else:
-                    await future
-            except TimeoutError:
-                pass  # a hold ended or a probe is due: look again
+                await future
             except BaseException:
                 if future.done() and not future.cancelled():
                     self._wake(model)  # handed a slot we will not use: pass it on
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
@@ -162,3 +165,8 @@ class EndpointPool:
                 future.set_result(None)
                 count -= 1
         return count
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
