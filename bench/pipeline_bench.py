@@ -4,6 +4,7 @@
     python bench/pipeline_bench.py --no-journal-disk  # the journal on a RAM disk (/dev/shm)
     python bench/pipeline_bench.py --metrics          # /metrics served and scraped every second
     python bench/pipeline_bench.py --scale            # C=10,000, L=8±2 s, 30,000 accepted
+    python bench/pipeline_bench.py --scale --replicas 16   # the same over 16 endpoints per model
     python bench/pipeline_bench.py --latency 0 --jitter 0 --target 3000 --baseline  # CPU per call
 
 One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the fake
@@ -65,13 +66,19 @@ async def _lag(samples: list[float], period: float = 0.05) -> None:
 
 async def bench(
     run_dir: Path, url: str, target: int, concurrency: int, metrics: bool = False,
-    lags: list[float] | None = None,
+    lags: list[float] | None = None, replicas: int = 1,
 ) -> tuple[float, int, list[float]]:
+    # `replicas` endpoints per model, as a fleet behind one orchestrator would be (one fake
+    # server answers for all of them: what is measured is the orchestrator).
+    cap = max(1, concurrency // replicas)
+
+    def fleet(model: str) -> list[dict[str, object]]:
+        return [{"base_url": url, "model": model, "max_concurrency": cap}] * replicas
+
     endpoints = {
-        "generator": [{"base_url": url, "model": "gen-a", "max_concurrency": concurrency}],
-        "reviewer": [{"base_url": url, "model": m, "max_concurrency": concurrency}
-                     for m in ("rev-b", "rev-c")],
-        "adjudicator": [{"base_url": url, "model": "adj-d", "max_concurrency": concurrency}],
+        "generator": fleet("gen-a"),
+        "reviewer": fleet("rev-b") + fleet("rev-c"),
+        "adjudicator": fleet("adj-d"),
     }
     config = load_config(None, environ={}, overrides={
         "run": {"run_dir": run_dir, "target": target, "concurrency": concurrency,
@@ -115,6 +122,8 @@ def main() -> None:
                         help="serve /metrics (gra_async.metrics) and scrape it every second")
     parser.add_argument("--scale", action="store_true",
                         help="the fleet scenario: C=10,000, L=8±2 s, target 30,000")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="endpoints per model (a fleet), each capped at C / replicas")
     parser.add_argument("--baseline", action="store_true",
                         help="then as many calls through bare AsyncOpenAI + a semaphore")
     args = parser.parse_args()
@@ -139,7 +148,7 @@ def main() -> None:
     cpu = time.process_time()
     try:
         wall, calls, scrapes = runner(bench(run_dir, server.base_url, args.target,
-                                            args.concurrency, args.metrics, lags))
+                                            args.concurrency, args.metrics, lags, args.replicas))
         cpu = time.process_time() - cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
