@@ -100,7 +100,8 @@ def test_one_server_in_three_roles_appears_once(fake_server: FakeServer, tmp_pat
 
     (only,) = asyncio.run(go())
     assert only.roles == ("generator", "reviewer", "adjudicator")
-    assert only.succeeded == fake_server.stats()["chat_requests"]
+    # Calls in flight when the target is reached are cut off: the server may have seen them.
+    assert only.succeeded <= fake_server.stats()["chat_requests"] <= only.succeeded + only.abandoned
     (row,) = status_json(tmp_path)["endpoints"]
     assert row["roles"] == ["generator", "reviewer", "adjudicator"]
 
