@@ -187,10 +187,12 @@ class TestVirtualClock:
         assert rate >= 0.9 * 64 / 1.0
         assert wait <= 0.25 * 1.0
 
-    def test_ten_thousand_in_flight_with_no_knee_never_shrinks(self) -> None:
+    def test_ten_thousand_in_flight_with_no_knee_stays_open(self) -> None:
         # A fleet bigger than the run: 8 s +- 25% latency, 10,000 callers, 20,000 slots.
+        # One early probe (three quarters, two epochs) checks the base; then it stays.
         trace = simulate(lambda t: 20_000, lambda t: 8.0, cap=10_000, seconds=200, jitter=0.25)
-        assert min(t[1] for t in trace) == 10_000
+        assert min(t[1] for t in trace) >= 7_500
+        assert all(t[1] == 10_000 for t in trace if t[0] > 100)
 
     def test_a_replica_removed_then_added_back(self) -> None:
         def capacity(t: float) -> int:

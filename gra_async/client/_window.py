@@ -51,13 +51,14 @@ _PROBE_EVERY: Final = 40
 # In steady state the window is at most ~1.25x the knee: three quarters of it is under.
 _PROBE_DEPTH: Final = 0.75
 _CUT_INTERVAL: Final = 1.0
+_FIRST_PROBE: Final = 3  # epochs: the first burst has been measured, the next one is steady
 
 
 class ConcurrencyWindow:
     """One endpoint's window; fed by the endpoint on the event loop (not thread-safe)."""
 
     __slots__ = (
-        "_base", "_blocked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_last",
+        "_base", "_blocked", "_checked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_last",
         "_latency_sum", "_next_probe", "_probe", "_reference", "_replies", "_restore",
         "_samples", "_series", "_settling", "_square_sum", "_started", "adaptive", "cap",
         "value",
@@ -85,6 +86,7 @@ class ConcurrencyWindow:
         # compares its throughput with the one before (or the epoch before the series).
         self._series = False
         self._reference: float | None = None
+        self._checked = False  # the early probe has been made
         self._last: tuple[float, float] | None = None  # (latency, throughput) of the last decision
         self._cut_at = float("-inf")
         self._cut: tuple[float, float] | None = None  # (latency, throughput) at the last cut
@@ -198,6 +200,7 @@ class ConcurrencyWindow:
             self._start_probe()
 
     def _start_probe(self) -> None:
+        self._checked = True
         if not self._series:
             self._series = True
             self._reference = self._last[1] if self._last is not None else None
@@ -237,4 +240,9 @@ class ConcurrencyWindow:
         self._set(min(self._restore, reference * self.base * (1.0 + _MARGIN)))
 
     def _probe_due(self) -> bool:
+        # One probe early on even with no knee seen: a first epoch slowed as a whole (a
+        # burst of new connections on a busy client) leaves a base that already holds the
+        # queue, and no later epoch would look slower than it.
+        if not self._checked and self._epochs >= _FIRST_PROBE:
+            return True
         return self._knee and self._epochs >= self._next_probe
