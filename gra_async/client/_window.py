@@ -22,8 +22,9 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   slot, so the first epoch sees the base even behind a burst far past the knee; it lasts
   two of its fastest round trips, since the first replies are also the fastest ones.
 - The base can be wrong: too high when even the first epoch queued (fewer slots than
-  `_MIN_SAMPLES`), stale when the work got slower (longer replies). Once a knee is known,
-  at once and then every `_PROBE_EVERY` epochs, a probe lowers the window to
+  `_MIN_SAMPLES`, or a burst of new connections slowed it all), stale when the work got
+  slower (longer replies). Once at `_FIRST_PROBE`, and once a knee is known at once and
+  then every `_PROBE_EVERY` epochs, a probe lowers the window to
   `_PROBE_DEPTH` of itself for two epochs: one to drain, one to measure the calls sent
   under it. A lower latency is the new base; if the throughput did not fall, the probe
   was still past the knee, and another comes at once from the lower window; the same
