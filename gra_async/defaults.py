@@ -63,3 +63,5 @@ BATCH_WINDOW = "24h"
 BATCH_POLL_INTERVAL = 5.0  # seconds before the first poll; doubles up to BATCH_POLL_MAX
 BATCH_POLL_MAX = 300.0
 ESTIMATE_TASKS = 20  # pilot tasks of `estimate`
+ESTIMATE_PRECISION = 0.25  # the pilot grows until the cost's 95% interval is within +-this
+ESTIMATE_MAX_SHARE = 0.5  # ... or until it has spent this share of the projected cost

@@ -10,9 +10,10 @@ rate carries the projection's uncertainty: its Wilson interval (95%) bounds the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from gra_async.store import JournalReader
 __all__ = ["Estimate", "ModelProjection", "estimate", "project", "run_pilot", "wilson_interval"]
 
 _Z95 = 1.959964
+
+log = logging.getLogger("gra_async")
 
 
 def wilson_interval(successes: int, trials: int, z: float = _Z95) -> tuple[float, float]:
@@ -155,30 +158,138 @@ def estimate(config: RunConfig | Mapping[str, Any], **kwargs: Any) -> Estimate:
 
 
 async def run_pilot(
-    config: RunConfig, *, tasks: int = defaults.ESTIMATE_TASKS, force: bool = False,
+    config: RunConfig, *, tasks: int = defaults.ESTIMATE_TASKS,
+    precision: float = defaults.ESTIMATE_PRECISION, force: bool = False,
     transport: Transport | None = None,
 ) -> Estimate:
-    """Run the pilot (`tasks` tasks of round 1, online) in `config`'s run directory, then
-    project the run to `config.run.target`. A task finished there already is not run again."""
+    """Run the pilot (round 1, online) in `config`'s run directory, then project the run to
+    `config.run.target`. A task finished there already is not run again.
+
+    The pilot starts with `tasks` tasks and grows while the projected cost's 95% interval
+    is wider than +-`precision` of the point (0: exactly `tasks`), until the pilot has
+    spent `defaults.ESTIMATE_MAX_SHARE` of the projected cost or the plan or target ends
+    it. Measured (bench/estimate_bench.py): a 20-task pilot knows an acceptance rate of 0.4
+    to +-0.2, and its projections ranged 0.73-1.41x the full run's cost; the cost's
+    interval is what has to shrink, and only more tasks shrink it.
+    """
     from gra_async.synthesizer import Synthesizer
 
     if tasks < 1:
         raise ConfigError(f"--tasks {tasks}: the pilot needs at least one task")
+    if precision < 0:
+        raise ConfigError(f"--precision {precision}: give a fraction such as 0.25, or 0 for "
+                          "a pilot of exactly --tasks tasks")
     run = config.run
-    pilot = config.model_copy(update={"run": run.model_copy(update={
-        "max_tasks": tasks, "rounds": 1, "mode": "online"})})
-    async with Synthesizer(pilot, force=force, transport=transport) as synth:
-        live = synth.live_config
-        await synth.run()
-    return project(live.model_copy(update={"run": run}), run.run_dir)
+    size = tasks
+    while True:
+        pilot = config.model_copy(update={"run": run.model_copy(update={
+            "max_tasks": size, "rounds": 1, "mode": "online"})})
+        async with Synthesizer(pilot, force=force, transport=transport) as synth:
+            live = synth.live_config
+            await synth.run()
+        force = False
+        result = project(live.model_copy(update={"run": run}), run.run_dir)
+        grow = _pilot_size(result, size, tasks, precision)
+        if grow is None:
+            return result
+        log.info("pilot of %d tasks: cost interval too wide, growing to %d", size, grow)
+        size = grow
+
+
+def _pilot_size(result: Estimate, size: int, step: int, precision: float) -> int | None:
+    """The next pilot size, or None when this pilot is enough (or cannot grow)."""
+    if not precision or result.pilot_tasks < size or result.pilot_accepted >= result.target:
+        return None  # fixed size, the plan ran out (or tasks failed for good), target met
+    if result.projected_cost is None or result.cost_interval is None:
+        # Nothing priced, or nothing accepted yet: only the acceptance rate can tell.
+        if result.projected_cost is None and result.pilot_cost is not None:
+            return size * 2 if size < 8 * step else None
+        lo, hi = result.accept_interval
+        return None if hi - lo <= precision else (size * 2 if size < 8 * step else None)
+    low, high = result.cost_interval
+    point = result.projected_cost
+    if high <= point * (1 + precision) and low >= point * (1 - precision):
+        return None
+    # No larger than its share of the run: the tasks the run takes, at the pilot's cost each.
+    spent = result.pilot_cost or 0.0
+    cap = int(defaults.ESTIMATE_MAX_SHARE * result.pilot_tasks * point / spent) if spent else size
+    if cap <= size:
+        return None
+    # The interval's width goes as 1/sqrt(accepted): the tasks it needs at this rate, then
+    # no more than doubling per step (the rate may be off by as much).
+    width = max((high - point) / point, (point - low) / point)
+    wanted = result.pilot_tasks * (width / precision) ** 2 * 1.1
+    return int(min(max(wanted, size + step), 2 * size, cap))
+
+
+@dataclass(slots=True)
+class _Usage:
+    """Calls and tokens per (role, model) over a group of tasks."""
+
+    tasks: int = 0
+    calls: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def add(self, role: str, model: str, n: int, t_in: int, t_out: int) -> None:
+        got = self.calls.setdefault((role, model), [0, 0, 0])
+        got[0] += n
+        got[1] += t_in
+        got[2] += t_out
+
+    def mean(self) -> dict[tuple[str, str], tuple[float, float, float]]:
+        if not self.tasks:
+            return {}
+        return {k: (n / self.tasks, a / self.tasks, b / self.tasks)
+                for k, (n, a, b) in self.calls.items()}
+
+
+def _outcomes(rows: list[tuple[str, str | None, str | None, float, str, str, int, int, int]],
+              ) -> tuple[dict[str, _Usage], list[str]]:
+    """Usage per outcome ("accepted", "duplicate", "rejected" with failed, "cut": calls of
+    tasks with no finished sample) and the finished tasks' outcomes in finishing order."""
+    groups = {k: _Usage() for k in ("accepted", "duplicate", "rejected", "cut")}
+    order: list[str] = []
+    seen: set[str] = set()
+    for task_id, state, decision, _updated, role, model, n, t_in, t_out in rows:
+        if state == "accepted":
+            kind = "accepted"
+        elif state in ("rejected", "failed"):
+            kind = "duplicate" if decision == "duplicate" else "rejected"
+        else:
+            kind = "cut"
+        if task_id not in seen:
+            seen.add(task_id)
+            groups[kind].tasks += 1
+            if kind != "cut":
+                order.append(kind)
+        groups[kind].add(role, model, n, t_in, t_out)
+    return groups, order
+
+
+def _in_flight_cap(config: RunConfig) -> int:
+    """Tasks in flight at once, as the scheduler admits them."""
+    run = config.run
+    if run.max_in_flight:
+        return run.max_in_flight
+    if run.mode == "batch":
+        return config.batch.slice
+    caps = {(e.base_url, e.model): e.max_concurrency or run.concurrency
+            for role in config.endpoints.values() for e in role}
+    return min(run.concurrency, sum(caps.values()) or run.concurrency)
 
 
 def project(config: RunConfig, run_dir: Path) -> Estimate:
-    """The projection from what the journal in `run_dir` holds (pure reading)."""
+    """The projection from what the journal in `run_dir` holds (pure reading).
+
+    The run still to go is counted in tasks, by outcome: each accepted sample still needed
+    costs what the pilot's accepted tasks cost (their metadata call included), and the
+    tasks it takes at the acceptance rate cost what the pilot's rejected ones and its
+    duplicates cost, at the duplicate rate of the pilot's later half. Then the tasks the
+    target cuts off in flight, paid for and never finished.
+    """
     reader = JournalReader(run_dir)
     try:
         counts = reader.state_counts()
-        totals = reader.call_totals()
+        usage_rows = reader.task_usage()
         rows = reader.spend_rows()
         latencies = reader.latencies()
         prices_meta = orjson.loads(reader.meta("prices") or "{}")
@@ -197,70 +308,133 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
     batch = config.run.mode == "batch"
     unit = batched if batch else prices  # what the calls still to make will be billed at
 
+    groups, order = _outcomes(usage_rows)
     finished = counts["accepted"] + counts["rejected"] + counts["failed"]
     accepted = counts["accepted"]
     rate = accepted / finished if finished else 0.0
     lo, hi = wilson_interval(accepted, finished)
     target = config.run.target
     left = max(target - accepted, 0)
-    calls_done = sum(r[2] for r in totals)
     spent = spend(rows, prices, batched) if priced else None
+    totals: dict[tuple[str, str], list[int]] = {}
+    for group in groups.values():
+        for key, (n, t_in, t_out) in group.calls.items():
+            got = totals.setdefault(key, [0, 0, 0])
+            for i, v in enumerate((n, t_in, t_out)):
+                got[i] += v
+    calls_done = sum(v[0] for v in totals.values())
 
+    if not accepted and left:
+        models = tuple(ModelProjection(role, model, 0.0, 0.0, 0.0, n, None)
+                       for (role, model), (n, _, _) in sorted(totals.items()))
+        return Estimate(run_dir, config.run.mode, target, finished, accepted, calls_done, spent,
+                        rate, (lo, hi), None, None, None, None, None, None, None, None, models)
+
+    # Duplicates are checked against the accepted set, which grows: a pilot's first tasks
+    # meet almost none. Measured (bench/estimate_bench.py, case dedup): 0.05 of the pilot's
+    # 20 tasks were duplicates, 0.13 of the full run's; the later half of a pilot is the
+    # nearer guess, and the rate of passing review (duplicates aside) stays.
+    dup_all = groups["duplicate"].tasks / finished if finished else 0.0
+    late = order[len(order) // 2:]
+    dup_late = late.count("duplicate") / len(late) if late else 0.0
+    dup = max(dup_all, dup_late)
+    passing = accepted / max(1, finished - groups["duplicate"].tasks)
+    future_rate = min(1.0, passing * (1 - dup)) or rate
+    scale = future_rate / rate if rate else 1.0
+
+    tail = _tail_tasks(config, left, rate) if left else 0.0
+    means = {k: g.mean() for k, g in groups.items()}
+    every = _Usage(tasks=finished)
+    for kind in ("accepted", "duplicate", "rejected"):
+        for (role, model), (n, t_in, t_out) in groups[kind].calls.items():
+            every.add(role, model, n, t_in, t_out)
+    per_task = every.mean()
+
+    def more(p: float, extra: float = 0.0, cut: float = 1.0,
+             ) -> dict[tuple[str, str], tuple[float, float, float]]:
+        """Calls and tokens still to come per (role, model) at acceptance rate `p`, with
+        `extra` more tasks (the run's luck) and `cut` times the tail."""
+        tasks_left = left / p + extra if p else 0.0
+        other = max(tasks_left - left, 0.0)
+        dup_tasks = min(tasks_left * dup, other) if groups["duplicate"].tasks else 0.0
+        got: dict[tuple[str, str], list[float]] = {}
+        for kind, count in (("accepted", left), ("duplicate", dup_tasks),
+                            ("rejected", max(other - dup_tasks, 0.0)), ("tail", tail * cut)):
+            for key, values in (per_task if kind == "tail" else means[kind]).items():
+                acc = got.setdefault(key, [0.0, 0.0, 0.0])
+                for i, v in enumerate(values):
+                    acc[i] += v * count
+        return {k: (a, b, c) for k, (a, b, c) in got.items()}
+
+    def cost(usage: Mapping[tuple[str, str], tuple[float, float, float]]) -> float:
+        return sum((t_in * unit.get(m, (0.0, 0.0))[0] + t_out * unit.get(m, (0.0, 0.0))[1])
+                   / 1e6 for (_, m), (_, t_in, t_out) in usage.items())
+
+    point = more(future_rate)
     models: list[ModelProjection] = []
-    more_calls = more_in = more_out = 0.0
-    more_cost = 0.0
     call_seconds = 0.0  # sum of latencies of the calls still to make, for Little's law
     per_model_calls: dict[str, float] = {}
     per_model_tokens: dict[str, float] = {}
-    for role, model, n, t_in, t_out in totals:
-        t_in, t_out = t_in or 0, t_out or 0
-        per = (n / accepted, t_in / accepted, t_out / accepted) if accepted else (0.0, 0.0, 0.0)
-        calls_left = per[0] * left
-        p_in, p_out = unit.get(model, (0.0, 0.0))
-        cost_left = (per[1] * p_in + per[2] * p_out) * left / 1e6
-        model_spent = spend([r for r in rows if r[0] == model], prices, batched)
-        share = model_spent * n / max(1, sum(r[2] for r in totals if r[1] == model))
+    model_spent = {m: spend([r for r in rows if r[0] == m], prices, batched) for m in prices}
+    model_calls: dict[str, int] = {}
+    for (_, model), (n, _, _) in totals.items():
+        model_calls[model] = model_calls.get(model, 0) + n
+    for key in sorted(set(totals) | set(point)):
+        role, model = key
+        n_done, in_done, out_done = totals.get(key, [0, 0, 0])
+        n_more, in_more, out_more = point.get(key, (0.0, 0.0, 0.0))
+        share = model_spent.get(model, 0.0) * n_done / max(1, model_calls.get(model, 0))
         models.append(ModelProjection(
-            role, model, *per, projected_calls=round(n + calls_left),
-            projected_cost=share + cost_left if priced and accepted else None))
-        more_calls += calls_left
-        more_in += per[1] * left
-        more_out += per[2] * left
-        more_cost += cost_left
-        call_seconds += calls_left * latencies.get(model, 0.0)
-        per_model_calls[model] = per_model_calls.get(model, 0.0) + calls_left
-        per_model_tokens[model] = per_model_tokens.get(model, 0.0) + (per[1] + per[2]) * left
+            role, model, (n_done + n_more) / target, (in_done + in_more) / target,
+            (out_done + out_more) / target, projected_calls=round(n_done + n_more),
+            projected_cost=share + cost({key: point[key]}) if priced and key in point else (
+                share if priced else None)))
+        call_seconds += n_more * latencies.get(model, 0.0)
+        per_model_calls[model] = per_model_calls.get(model, 0.0) + n_more
+        per_model_tokens[model] = per_model_tokens.get(model, 0.0) + in_more + out_more
 
-    if not accepted and left:
-        return Estimate(run_dir, config.run.mode, target, finished, accepted, calls_done, spent,
-                        rate, (lo, hi), None, None, None, None, None, None, None, None,
-                        tuple(models))
-
-    t_in_done = sum(r[3] or 0 for r in totals)
-    t_out_done = sum(r[4] or 0 for r in totals)
     cost_interval = None
     projected_cost = None
     if priced and spent is not None:
-        projected_cost = spent + more_cost
-        # More calls per accepted sample at a lower rate, fewer at a higher one.
-        cost_interval = (spent + more_cost * rate / hi if hi else spent,
-                         spent + more_cost * rate / lo if lo else math.inf)
+        projected_cost = spent + cost(point)
+        # The rate's interval, and the run's own luck: the tasks that L more accepted
+        # samples take vary as a negative binomial's, sd sqrt(L (1 - p)) / p.
+        p_lo, p_hi = lo * scale, min(1.0, hi * scale)
+        slow = _Z95 * math.sqrt(left * (1 - p_lo)) / p_lo if p_lo else 0.0
+        fast = _Z95 * math.sqrt(left * (1 - p_hi)) / p_hi if p_hi else 0.0
+        # The tail is a fit within a factor of two of what was measured.
+        cost_interval = (spent + cost(more(p_hi, -fast, 0.5)) if p_hi else spent,
+                         spent + cost(more(p_lo, slow, 2.0)) if p_lo else math.inf)
+        cost_interval = (min(cost_interval[0], projected_cost), max(cost_interval[1], projected_cost))
     online = _online_seconds(config, call_seconds, per_model_calls, per_model_tokens)
     waves = None
     seconds: float | None = online
     if batch:
-        tasks_left = left / rate if rate else 0.0
+        tasks_left = left / future_rate if future_rate else 0.0
         waves = config.run.rounds * max(1, math.ceil(tasks_left / config.batch.slice)) * (
             3 if config.gate.adjudicator else 2)
         seconds = waves * _window_seconds(config.batch.completion_window) or None
     return Estimate(
         run_dir, config.run.mode, target, finished, accepted, calls_done, spent, rate, (lo, hi),
-        projected_calls=round(calls_done + more_calls),
-        projected_prompt_tokens=round(t_in_done + more_in),
-        projected_completion_tokens=round(t_out_done + more_out),
+        projected_calls=round(calls_done + sum(v[0] for v in point.values())),
+        projected_prompt_tokens=round(sum(v[1] for v in totals.values())
+                                      + sum(v[1] for v in point.values())),
+        projected_completion_tokens=round(sum(v[2] for v in totals.values())
+                                          + sum(v[2] for v in point.values())),
         projected_cost=projected_cost, cost_interval=cost_interval,
         projected_seconds=seconds, online_seconds=online, batch_waves=waves,
         models=tuple(models))
+
+
+def _tail_tasks(config: RunConfig, left: int, rate: float) -> float:
+    """Tasks' worth of calls the run pays for and never finishes: those in flight when a
+    round's goal is met (cancelled, or withdrawn once it is met). Measured
+    (bench/estimate_bench.py): 3 tasks cut at 8 tasks in flight, 4-8 at 16, 10-15 at 32,
+    16-34 at 64; and no more than the scheduler lets in flight for the samples still
+    needed (1.5x at the acceptance rate, pipeline/_scheduler.py `_room`)."""
+    per_round = 0.25 * _in_flight_cap(config) + 2
+    needed = 1.5 * left / rate / 2 if rate else per_round
+    return config.run.rounds * min(per_round, needed)
 
 
 def _online_seconds(

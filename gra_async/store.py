@@ -280,6 +280,18 @@ class JournalReader:
         """(model, from a batch?, prompt tokens, completion tokens): what spend is priced on."""
         return _spend_rows(self._conn)
 
+    def task_usage(self) -> list[tuple[str, str | None, str | None, float, str, str, int, int, int]]:
+        """(task id, state, decision, updated, role, model, calls, prompt tokens, completion
+        tokens) per task, role and model: what each outcome costs (`estimate`). State and
+        decision are None for calls whose task has no sample row (cut off in flight)."""
+        rows = self._conn.execute(
+            "SELECT c.task_id, s.state, json_extract(s.body, '$.decision'), "
+            "coalesce(s.updated, 0), c.role, c.model, count(*), sum(c.prompt_tokens), "
+            "sum(c.completion_tokens) FROM calls c LEFT JOIN samples s ON s.task_id = c.task_id "
+            "GROUP BY c.task_id, c.role, c.model ORDER BY 4, 1")
+        return [(str(t), s, d, float(u), str(r), str(m), int(n), int(a or 0), int(b or 0))
+                for t, s, d, u, r, m, n, a, b in rows]
+
     def batches(self, *, open_only: bool = False) -> list[BatchRecord]:
         """The run's Batch API jobs, oldest first; journals from before batch mode have none."""
         try:
