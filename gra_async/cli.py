@@ -120,8 +120,12 @@ def _parser() -> argparse.ArgumentParser:
                                                "tokens, cost and wall time (takes run's flags)")
     _run_flags(estimate)
     estimate.add_argument("--tasks", type=int, default=defaults.ESTIMATE_TASKS, metavar="N",
-                          help=f"pilot tasks, journaled for the real run (default "
-                               f"{defaults.ESTIMATE_TASKS})")
+                          help=f"pilot tasks to start with, journaled for the real run "
+                               f"(default {defaults.ESTIMATE_TASKS})")
+    estimate.add_argument("--precision", type=float, default=defaults.ESTIMATE_PRECISION,
+                          metavar="F",
+                          help="grow the pilot until the cost's 95%% interval is within +-F "
+                               f"(default {defaults.ESTIMATE_PRECISION}; 0: exactly --tasks)")
     estimate.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
@@ -259,9 +263,11 @@ async def _estimate(args: argparse.Namespace) -> int:
     from gra_async.pilot import run_pilot
 
     config = _config(args)
-    print(f"pilot: up to {args.tasks} tasks in {config.run.run_dir} (the run reuses them)",
+    grows = f", more until the cost is known to +-{args.precision:.0%}" if args.precision else ""
+    print(f"pilot: {args.tasks} tasks{grows}, in {config.run.run_dir} (the run reuses them)",
           file=sys.stderr)
-    result = await run_pilot(config, tasks=args.tasks, force=args.force)
+    result = await run_pilot(config, tasks=args.tasks, precision=args.precision,
+                             force=args.force)
     if args.json:
         import orjson
 
