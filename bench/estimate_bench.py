@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import gra_async
-from gra_async.accounting import batch_prices, spend
 from gra_async import defaults
+from gra_async.accounting import batch_prices, spend
 from gra_async.defaults import CRITERIA
 from gra_async.store import JournalReader
 from gra_async.testing.fake_server import FakeServerProcess
