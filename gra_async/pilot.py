@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,11 +77,12 @@ class Estimate:
     projected_prompt_tokens: int | None
     projected_completion_tokens: int | None
     projected_cost: float | None  # the whole run, the pilot included
-    cost_interval: tuple[float, float] | None  # from the acceptance rate's interval
+    cost_interval: tuple[float, float] | None  # 95%: the rate's interval and the run's luck
     projected_seconds: float | None  # online: at the concurrency and limits; batch: waves x window
     online_seconds: float | None
     batch_waves: int | None
     models: tuple[ModelProjection, ...]
+    calls_interval: tuple[float, float] | None = None  # 95%, as cost_interval
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -180,39 +181,42 @@ async def run_pilot(
         raise ConfigError(f"--precision {precision}: give a fraction such as 0.25, or 0 for "
                           "a pilot of exactly --tasks tasks")
     run = config.run
+    # Round 1's goal bounds the pilot: a pilot past it would leave the run's first round
+    # with more accepted samples than it would have made itself.
+    goal = math.ceil(run.target / run.rounds)
     size = tasks
     while True:
         pilot = config.model_copy(update={"run": run.model_copy(update={
-            "max_tasks": size, "rounds": 1, "mode": "online"})})
+            "max_tasks": size, "rounds": 1, "mode": "online", "target": goal})})
         async with Synthesizer(pilot, force=force, transport=transport) as synth:
             live = synth.live_config
             await synth.run()
         force = False
         result = project(live.model_copy(update={"run": run}), run.run_dir)
-        grow = _pilot_size(result, size, tasks, precision)
+        grow = _pilot_size(result, size, tasks, precision, goal)
         if grow is None:
             return result
         log.info("pilot of %d tasks: cost interval too wide, growing to %d", size, grow)
         size = grow
 
 
-def _pilot_size(result: Estimate, size: int, step: int, precision: float) -> int | None:
+def _pilot_size(result: Estimate, size: int, step: int, precision: float, goal: int,
+                ) -> int | None:
     """The next pilot size, or None when this pilot is enough (or cannot grow)."""
-    if not precision or result.pilot_tasks < size or result.pilot_accepted >= result.target:
-        return None  # fixed size, the plan ran out (or tasks failed for good), target met
-    if result.projected_cost is None or result.cost_interval is None:
-        # Nothing priced, or nothing accepted yet: only the acceptance rate can tell.
-        if result.projected_cost is None and result.pilot_cost is not None:
-            return size * 2 if size < 8 * step else None
-        lo, hi = result.accept_interval
-        return None if hi - lo <= precision else (size * 2 if size < 8 * step else None)
-    low, high = result.cost_interval
-    point = result.projected_cost
+    if not precision or result.pilot_tasks < size or result.pilot_accepted >= goal:
+        return None  # fixed size, the plan ran out (or tasks failed for good), round 1 met
+    if result.projected_calls is None or result.calls_interval is None:
+        return 2 * size if size < 8 * step else None  # nothing accepted yet
+    # Dollars when priced, else calls: the same interval either way.
+    if result.projected_cost is not None and result.cost_interval is not None:
+        point, (low, high), done = result.projected_cost, result.cost_interval, result.pilot_cost
+    else:
+        point, (low, high) = float(result.projected_calls), result.calls_interval
+        done = float(result.pilot_calls)
     if high <= point * (1 + precision) and low >= point * (1 - precision):
         return None
     # No larger than its share of the run: the tasks the run takes, at the pilot's cost each.
-    spent = result.pilot_cost or 0.0
-    cap = int(defaults.ESTIMATE_MAX_SHARE * result.pilot_tasks * point / spent) if spent else size
+    cap = int(defaults.ESTIMATE_MAX_SHARE * result.pilot_tasks * point / done) if done else size
     if cap <= size:
         return None
     # The interval's width goes as 1/sqrt(accepted): the tasks it needs at this rate, then
@@ -343,7 +347,7 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
     future_rate = min(1.0, passing * (1 - dup)) or rate
     scale = future_rate / rate if rate else 1.0
 
-    tail = _tail_tasks(config, left, rate) if left else 0.0
+    tail = _tail_tasks(config, left, future_rate) if left else 0.0
     means = {k: g.mean() for k, g in groups.items()}
     every = _Usage(tasks=finished)
     for kind in ("accepted", "duplicate", "rejected"):
@@ -371,6 +375,9 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
         return sum((t_in * unit.get(m, (0.0, 0.0))[0] + t_out * unit.get(m, (0.0, 0.0))[1])
                    / 1e6 for (_, m), (_, t_in, t_out) in usage.items())
 
+    def calls(usage: Mapping[tuple[str, str], tuple[float, float, float]]) -> float:
+        return sum(n for n, _, _ in usage.values())
+
     point = more(future_rate)
     models: list[ModelProjection] = []
     call_seconds = 0.0  # sum of latencies of the calls still to make, for Little's law
@@ -394,19 +401,26 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
         per_model_calls[model] = per_model_calls.get(model, 0.0) + n_more
         per_model_tokens[model] = per_model_tokens.get(model, 0.0) + in_more + out_more
 
+    # The rate's interval, and the run's own luck: the tasks that L more accepted samples
+    # take vary as a negative binomial's, sd sqrt(L (1 - p)) / p. The tail is a fit
+    # within a factor of two of what was measured.
+    p_lo, p_hi = lo * scale, min(1.0, hi * scale)
+    slow = _Z95 * math.sqrt(left * (1 - p_lo)) / p_lo if p_lo else 0.0
+    fast = _Z95 * math.sqrt(left * (1 - p_hi)) / p_hi if p_hi else 0.0
+    cheap, dear = more(p_hi, -fast, 0.5), (more(p_lo, slow, 2.0) if p_lo else None)
+
+    def interval(measure: Callable[[Mapping[tuple[str, str], tuple[float, float, float]]], float],
+                 done: float) -> tuple[float, float]:
+        mid = done + measure(point)
+        return (min(done + measure(cheap), mid),
+                max(done + measure(dear), mid) if dear is not None else math.inf)
+
+    calls_interval = interval(calls, calls_done)
     cost_interval = None
     projected_cost = None
     if priced and spent is not None:
         projected_cost = spent + cost(point)
-        # The rate's interval, and the run's own luck: the tasks that L more accepted
-        # samples take vary as a negative binomial's, sd sqrt(L (1 - p)) / p.
-        p_lo, p_hi = lo * scale, min(1.0, hi * scale)
-        slow = _Z95 * math.sqrt(left * (1 - p_lo)) / p_lo if p_lo else 0.0
-        fast = _Z95 * math.sqrt(left * (1 - p_hi)) / p_hi if p_hi else 0.0
-        # The tail is a fit within a factor of two of what was measured.
-        cost_interval = (spent + cost(more(p_hi, -fast, 0.5)) if p_hi else spent,
-                         spent + cost(more(p_lo, slow, 2.0)) if p_lo else math.inf)
-        cost_interval = (min(cost_interval[0], projected_cost), max(cost_interval[1], projected_cost))
+        cost_interval = interval(cost, spent)
     online = _online_seconds(config, call_seconds, per_model_calls, per_model_tokens)
     waves = None
     seconds: float | None = online
@@ -424,14 +438,14 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
                                           + sum(v[2] for v in point.values())),
         projected_cost=projected_cost, cost_interval=cost_interval,
         projected_seconds=seconds, online_seconds=online, batch_waves=waves,
-        models=tuple(models))
+        models=tuple(models), calls_interval=calls_interval)
 
 
 def _tail_tasks(config: RunConfig, left: int, rate: float) -> float:
     """Tasks' worth of calls the run pays for and never finishes: those in flight when a
     round's goal is met (cancelled, or withdrawn once it is met). Measured
-    (bench/estimate_bench.py): 3 tasks cut at 8 tasks in flight, 4-8 at 16, 10-15 at 32,
-    16-34 at 64; and no more than the scheduler lets in flight for the samples still
+    (bench/estimate_bench.py): 3 tasks cut at 8 tasks in flight, 4-10 at 16, 8-15 at 32,
+    16-34 at 64, up to 7% of a run's calls; and no more than the scheduler lets in flight for the samples still
     needed (1.5x at the acceptance rate, pipeline/_scheduler.py `_room`)."""
     per_round = 0.25 * _in_flight_cap(config) + 2
     needed = 1.5 * left / rate / 2 if rate else per_round

@@ -99,6 +99,16 @@ class TestEstimate:
             sent = fake_server.stats()["chat_requests"]
             assert sent == calls + status_json(tmp_path)["abandoned_calls"]
 
+    def test_without_prices_the_calls_decide(self, mixed: FakeServer, tmp_path: Path) -> None:
+        conf = config(mixed, tmp_path, target=60)
+        free = {role: tuple(e.model_copy(update={"price_in": 0.0, "price_out": 0.0})
+                            for e in endpoints) for role, endpoints in conf.endpoints.items()}
+        got = gra_async.estimate(conf.model_copy(update={"endpoints": free}), tasks=20)
+        assert got.projected_cost is None and got.cost_interval is None
+        assert got.pilot_tasks > 20, "the calls' interval grows the pilot as the cost's does"
+        assert got.calls_interval is not None and got.projected_calls is not None
+        assert got.calls_interval[0] <= got.projected_calls <= got.calls_interval[1]
+
     def test_a_fixed_pilot_does_not_grow(self, mixed: FakeServer, tmp_path: Path) -> None:
         got = gra_async.estimate(config(mixed, tmp_path, target=60), tasks=20, precision=0)
         assert got.pilot_tasks == 20
