@@ -1,8 +1,10 @@
 """Estimate benchmark: does a pilot's projection land within +-25% of the full run's cost?
 
-    python bench/estimate_bench.py                 # every case, one fake server, ~1 min of CPU
+    python bench/estimate_bench.py                 # every case, one fake server, ~20 s of CPU
     python bench/estimate_bench.py --case dedup    # one case (repeatable flag)
     python bench/estimate_bench.py --json          # one JSON object per case
+    python bench/estimate_bench.py --seeds 3       # three plans (run seeds) per case
+    python bench/estimate_bench.py --precision 0   # 20-task pilots that do not grow (before)
 
 Each case runs `gra_async.estimate` (the pilot, journaled in a fresh run directory), then
 the full `gra_async.run` in the same directory, and compares the projection with what the

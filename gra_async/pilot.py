@@ -1,10 +1,12 @@
 """`gra-async estimate` / `gra_async.estimate`: a small pilot of the real run, and what the whole run will take.
 
-The pilot is the first `tasks` tasks of the run's own plan, journaled in its run directory:
-the real run skips them and reuses every reply, so the pilot is paid for once. From the
-journal it projects calls, tokens and cost per accepted sample, per role and model, to the
-target; and the wall time at the configured concurrency and rate limits. The acceptance
-rate carries the projection's uncertainty: its Wilson interval (95%) bounds the cost.
+The pilot is the first tasks of the run's own plan, journaled in its run directory: the
+real run skips them and reuses every reply, so the pilot is paid for once. From the
+journal it projects calls, tokens and cost to the target, per role and model, counting
+the tasks still to run by outcome (accepted, rejected, duplicate) and those the target
+cuts off in flight; and the wall time at the configured concurrency and rate limits. The
+cost's 95% interval takes in the acceptance rate's Wilson interval and the run's own
+luck, and the pilot grows until that interval is as narrow as asked (`precision`).
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def project(config: RunConfig, run_dir: Path) -> Estimate:
 
     if not accepted and left:
         done = tuple(ModelProjection(role, model, 0.0, 0.0, 0.0, n, None)
-                       for (role, model), (n, _, _) in sorted(totals.items()))
+                     for (role, model), (n, _, _) in sorted(totals.items()))
         return Estimate(run_dir, config.run.mode, target, finished, accepted, calls_done, spent,
                         rate, (lo, hi), None, None, None, None, None, None, None, None, done)
 
@@ -445,8 +447,9 @@ def _tail_tasks(config: RunConfig, left: int, rate: float) -> float:
     """Tasks' worth of calls the run pays for and never finishes: those in flight when a
     round's goal is met (cancelled, or withdrawn once it is met). Measured
     (bench/estimate_bench.py): 3 tasks cut at 8 tasks in flight, 4-10 at 16, 8-15 at 32,
-    16-34 at 64, up to 7% of a run's calls; and no more than the scheduler lets in flight for the samples still
-    needed (1.5x at the acceptance rate, pipeline/_scheduler.py `_room`)."""
+    16-34 at 64 (63 calls of a 627-call run to 60 samples: 10%); and no more than half of
+    what the scheduler lets in flight for the samples still needed (1.5x at the acceptance
+    rate, pipeline/_scheduler.py `_room`)."""
     per_round = 0.25 * _in_flight_cap(config) + 2
     needed = 1.5 * left / rate / 2 if rate else per_round
     return config.run.rounds * min(per_round, needed)
