@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from gra_async.pilot import Estimate, estimate
     from gra_async.pipeline import Draft
     from gra_async.quality import QualityReport, write_report
-    from gra_async.refining import RefineStopReason, Refiner, RefineSummary, refine, refine_async
+    from gra_async.refining import Refiner, RefineStopReason, RefineSummary, refine, refine_async
     from gra_async.regating import RegateSummary, regate, regate_async
     from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
     from gra_async.scoring import Decision, Panel, ScoredReview

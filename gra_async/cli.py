@@ -233,14 +233,20 @@ async def _run(args: argparse.Namespace) -> int:
 
     synth = Synthesizer(_config(args), force=args.force, retry_failed=args.retry_failed)
     summary, interrupted = await _drive(synth)
+    return _ended(summary.run_dir, interrupted=interrupted, done=summary.reached_target,
+                  so_far=f"{summary.accepted} accepted", explain=summary.explain(),
+                  result=f"{summary.accepted} accepted")
+
+
+def _ended(run_dir: Path, *, interrupted: bool, done: bool, so_far: str, explain: str,
+           result: str) -> int:
+    """The last words of `run` and `refine`, and their exit code."""
     if interrupted:
-        raise Interrupted(f"interrupted; {summary.accepted} accepted so far. "
-                          "Run the same command again to resume.")
-    if not summary.reached_target:
-        print(summary.explain(), file=sys.stderr)
+        raise Interrupted(f"interrupted; {so_far} so far. Run the same command again to resume.")
+    if not done:
+        print(explain, file=sys.stderr)
         return EXIT_SHORT
-    print(f"done: {summary.run_dir} ({summary.accepted} accepted); "
-          f"export with: {_prog()} export --run-dir {summary.run_dir}")
+    print(f"done: {run_dir} ({result}); export with: {_prog()} export --run-dir {run_dir}")
     return EXIT_OK
 
 
@@ -259,15 +265,9 @@ async def _refine(args: argparse.Namespace) -> int:
     refiner = Refiner(_config(args), force=args.force, retry_failed=args.retry_failed)
     run, interrupted = await _drive(refiner)
     summary = refiner.summarize(run)
-    if interrupted:
-        raise Interrupted(f"interrupted; {summary.kept + summary.rewritten} of {summary.seeds} "
-                          "seeds accepted so far. Run the same command again to resume.")
-    if not summary.done:
-        print(summary.explain(), file=sys.stderr)
-        return EXIT_SHORT
-    print(f"done: {summary.run_dir} ({summary.explain()}); "
-          f"export with: {_prog()} export --run-dir {summary.run_dir}")
-    return EXIT_OK
+    return _ended(summary.run_dir, interrupted=interrupted, done=summary.done,
+                  so_far=f"{summary.kept + summary.rewritten} of {summary.seeds} seeds accepted",
+                  explain=summary.explain(), result=summary.explain())
 
 
 async def _drive(synth: Synthesizer) -> tuple[RunSummary, bool]:

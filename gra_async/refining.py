@@ -11,13 +11,12 @@ directory is a normal one: the same journal, resume, limits, `status` and `expor
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gra_async._concurrency import run_coroutine
+from gra_async._concurrency import block_on
 from gra_async.client import Transport
 from gra_async.config import RunConfig
 from gra_async.errors import UsageError
@@ -118,7 +117,7 @@ class Refiner(Synthesizer):
 
 def _config(config: RunConfig | Mapping[str, Any], seeds: str | Path | None,
             run_dir: str | Path | None, max_rewrites: int | None) -> RunConfig:
-    if isinstance(config, RunConfig) and seeds is run_dir is max_rewrites is None:
+    if isinstance(config, RunConfig) and seeds is None and run_dir is None and max_rewrites is None:
         return config
     data = (config.model_dump(exclude_unset=True) if isinstance(config, RunConfig)
             else dict(config))
@@ -145,11 +144,4 @@ async def refine_async(
 def refine(config: RunConfig | Mapping[str, Any], **kwargs: Any) -> RefineSummary:
     """`refine_async` for scripts: blocks until the refine ends. Inside a running event loop
     raises `UsageError`: await `gra_async.refine_async(...)` there."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise UsageError("gra_async.refine() cannot block inside a running event loop; "
-                         "use `await gra_async.refine_async(...)`")
-    return run_coroutine(refine_async(config, **kwargs))
+    return block_on(refine_async(config, **kwargs), "refine")
