@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,15 +263,20 @@ async def _refine(args: argparse.Namespace) -> int:
     if args.mode == "batch":
         raise ConfigError("refine: --mode batch is not supported yet; use online calls")
     refiner = Refiner(_config(args), force=args.force, retry_failed=args.retry_failed)
-    run, interrupted = await _drive(refiner)
+    run, interrupted = await _drive(refiner, lambda done: refiner.summarize(done).explain())
     summary = refiner.summarize(run)
     return _ended(summary.run_dir, interrupted=interrupted, done=summary.done,
                   so_far=f"{summary.kept + summary.rewritten} of {summary.seeds} seeds accepted",
-                  explain=summary.explain(), result=summary.explain())
+                  explain=summary.explain(),
+                  result=f"{summary.kept} kept, {summary.rewritten} rewritten, "
+                         f"{summary.dropped} dropped")
 
 
-async def _drive(synth: Synthesizer) -> tuple[RunSummary, bool]:
-    """Run with the live display and the signal handlers; (summary, interrupted)."""
+async def _drive(
+    synth: Synthesizer, explain: Callable[[RunSummary], str] | None = None,
+) -> tuple[RunSummary, bool]:
+    """Run with the live display and the signal handlers; (summary, interrupted).
+    `explain` words the display's last line."""
     from gra_async.pipeline import plan_size
     from gra_async.progress import ProgressDisplay
 
@@ -291,7 +296,7 @@ async def _drive(synth: Synthesizer) -> tuple[RunSummary, bool]:
                     refresh.cancel()
         except BaseExceptionGroup as errors:
             raise first_error(errors) from None
-        display.final(summary)
+        display.final(summary, None if explain is None else explain(summary))
     return summary, signals.interrupted
 
 

@@ -191,7 +191,11 @@ class TestRefine:
                 "--endpoint", f"reviewer={REV_C}@{url}", "--endpoint", f"adjudicator={ADJ}@{url}",
                 "--max-rewrites", "1"]
         assert main(args) == 0
-        assert "1 kept, 1 rewritten, 1 dropped" in capsys.readouterr().out
+        captured = capsys.readouterr()
+        assert "1 kept, 1 rewritten, 1 dropped" in captured.out
+        shown = captured.out + captured.err
+        assert "refined: 1 kept, 1 rewritten, 1 dropped (0 duplicates)" in shown
+        assert "plan exhausted" not in shown
         sent = fake_server.stats()["chat_requests"]
         assert main(args) == 0  # finished: a rerun sends nothing
         assert fake_server.stats()["chat_requests"] == sent
@@ -256,3 +260,47 @@ def test_kill_9_then_rerun_sends_no_journaled_call_again(
     # The three fixable seeds are rewritten into one text: two of them are duplicates.
     assert got["refine"] == {"seeds": 12, "kept": 6, "rewritten": 1, "dropped": 5}
     assert got["in_progress"] == 0 and got["planned"] == 0 and got["duplicates"] == 2
+
+
+@pytest.mark.slow
+def test_embedded_tiny_model_refines_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No endpoint: the embedded SmolLM2-135M reviews two bundled seeds and, under a bar it
+    cannot reach (it scores ~3.5 whatever it reads), rewrites both; each is decided."""
+    from .test_local import _require_local_backend
+
+    _require_local_backend()
+    bundled = Path(gra_async.__file__).parent / "data" / "seeds.jsonl"
+    seeds = write_jsonl(tmp_path / "two.jsonl", [
+        json.loads(line) for line in bundled.read_text().splitlines()[:2]])
+    (tmp_path / "gra.toml").write_text("[gate]\naccept_mean = 5.0\n[metadata]\nenabled = false\n")
+    code = main(["refine", "--seeds", str(seeds), "--run-dir", str(tmp_path / "run"),
+                 "--config", str(tmp_path / "gra.toml")])
+    assert code == 0, capsys.readouterr().err
+    rows = exported(tmp_path / "run", include_all=True)
+    assert sorted(r["source_id"] for r in rows) == ["code-01", "code-02"]
+    for row in rows:
+        assert row["decision"] in ("accept", "reject") and row["reviews"]
+        if row["origin"] == "rewritten":
+            assert row["generator"] == "smollm2-135m" and row["rewrites"] == 1
+    got = status_report(tmp_path / "run")["refine"]
+    assert got["kept"] + got["rewritten"] + got["dropped"] == 2
+
+
+def test_the_async_api_and_its_blocking_form(fake_server: FakeServer, tmp_path: Path) -> None:
+    import asyncio
+
+    fake_server.control(rules=rules())
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", seed_rows([GOOD, FIXABLE]))
+
+    async def main_async() -> gra_async.RefineSummary:
+        with pytest.raises(gra_async.UsageError, match="refine_async"):
+            gra_async.refine({"planner": {"seeds": str(seeds)}})
+        async with gra_async.Refiner(config(fake_server, tmp_path / "run", seeds)) as refiner:
+            return await refiner.refine()
+
+    summary = asyncio.run(main_async())
+    assert (summary.kept, summary.rewritten, summary.stop_reason) == (1, 1, "done")
+    with pytest.raises(gra_async.UsageError, match="planner.seeds"):
+        gra_async.Refiner({"endpoints": fixed_team(fake_server)})
