@@ -302,5 +302,19 @@ def test_the_async_api_and_its_blocking_form(fake_server: FakeServer, tmp_path: 
 
     summary = asyncio.run(main_async())
     assert (summary.kept, summary.rewritten, summary.stop_reason) == (1, 1, "done")
-    with pytest.raises(gra_async.UsageError, match="planner.seeds"):
+    with pytest.raises(gra_async.UsageError, match=r"planner\.seeds"):
         gra_async.Refiner({"endpoints": fixed_team(fake_server)})
+
+
+def test_shards_split_the_seeds_and_merge(fake_server: FakeServer, tmp_path: Path) -> None:
+    fake_server.control(rules=rules())
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", seed_rows([GOOD, FIXABLE, HOPELESS, DISPUTED]))
+    parts = [gra_async.refine(config(fake_server, tmp_path / f"s{i}", seeds,
+                                     run={"shard": f"{i}/2"})) for i in range(2)]
+    assert [p.seeds for p in parts] == [2, 2] and all(p.done for p in parts)
+    assert main(["merge", "--run-dir", str(tmp_path / "s0"), "--run-dir", str(tmp_path / "s1"),
+                 "--out", str(tmp_path / "all")]) == 0
+    rows = exported(tmp_path / "all", include_all=True)
+    assert sorted((r["source_id"], r["origin"], r["decision"]) for r in rows) == [
+        ("1", "kept", "accept"), ("2", "rewritten", "accept"), ("3", "rewritten", "reject"),
+        ("4", "kept", "accept")]
