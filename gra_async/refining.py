@@ -20,6 +20,7 @@ from gra_async._concurrency import block_on
 from gra_async.client import Transport
 from gra_async.config import RunConfig
 from gra_async.errors import UsageError
+from gra_async.pipeline import Gate
 from gra_async.store import JournalReader
 from gra_async.synthesizer import RunSummary, Synthesizer
 
@@ -92,15 +93,19 @@ class Refiner(Synthesizer):
     """A `Synthesizer` whose tasks are the seeds of `config.planner.seeds`, one each.
 
     Opened, stopped and resumed as a `Synthesizer` is (`stop`, `abandon`, `progress`);
+    `gate` replaces the decision rule for the seeds and their rewrites alike (filters see
+    generated drafts only: a refine has none);
     `refine()` runs it and says how it ended. `run()` gives the same run's `RunSummary`,
     whose target is the number of seeds.
     """
 
     _refine = True
 
-    def __init__(self, config: RunConfig | Mapping[str, Any], *, force: bool = False,
-                 retry_failed: bool = False, transport: Transport | None = None) -> None:
-        super().__init__(config, force=force, retry_failed=retry_failed, transport=transport)
+    def __init__(self, config: RunConfig | Mapping[str, Any], *, gate: Gate | None = None,
+                 force: bool = False, retry_failed: bool = False,
+                 transport: Transport | None = None) -> None:
+        super().__init__(config, gate=gate, force=force, retry_failed=retry_failed,
+                         transport=transport)
         if self.config.planner.seeds is None:
             raise UsageError("refine needs the dataset to refine: set planner.seeds (or "
                              "pass seeds=...)")
@@ -130,12 +135,12 @@ def _config(config: RunConfig | Mapping[str, Any], seeds: str | Path | None,
 
 async def refine_async(
     config: RunConfig | Mapping[str, Any], *, seeds: str | Path | None = None,
-    run_dir: str | Path | None = None, max_rewrites: int | None = None, force: bool = False,
-    transport: Transport | None = None,
+    run_dir: str | Path | None = None, max_rewrites: int | None = None,
+    gate: Gate | None = None, force: bool = False, transport: Transport | None = None,
 ) -> RefineSummary:
     """Refine the dataset `seeds` (or `config.planner.seeds`) into `run_dir` (or
     `config.run.run_dir`); `max_rewrites` overrides `refine.max_rewrites`."""
-    refiner = Refiner(_config(config, seeds, run_dir, max_rewrites), force=force,
+    refiner = Refiner(_config(config, seeds, run_dir, max_rewrites), gate=gate, force=force,
                       transport=transport)
     async with refiner:
         return await refiner.refine()

@@ -302,6 +302,10 @@ def test_the_async_api_and_its_blocking_form(fake_server: FakeServer, tmp_path: 
 
     summary = asyncio.run(main_async())
     assert (summary.kept, summary.rewritten, summary.stop_reason) == (1, 1, "done")
+    # A gate of the user's decides the seeds and the rewrites alike.
+    strict = gra_async.refine(config(fake_server, tmp_path / "strict", seeds),
+                              gate=lambda panel, gate: "reject")
+    assert (strict.kept, strict.rewritten, strict.dropped, strict.rewrites) == (0, 0, 2, 2)
     with pytest.raises(gra_async.UsageError, match=r"planner\.seeds"):
         gra_async.Refiner({"endpoints": fixed_team(fake_server)})
 
