@@ -20,6 +20,7 @@ from gra_async.config import (
     GateConfig,
     GenerationConfig,
     PlannerConfig,
+    RefineConfig,
     RunConfig,
     RunSettings,
     load_config,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from gra_async.pilot import Estimate, estimate
     from gra_async.pipeline import Draft
     from gra_async.quality import QualityReport, write_report
+    from gra_async.refining import Refiner, RefineStopReason, RefineSummary, refine, refine_async
     from gra_async.regating import RegateSummary, regate, regate_async
     from gra_async.samples import Adjudication, FailedReview, Review, Sample, read_samples
     from gra_async.scoring import Decision, Panel, ScoredReview
@@ -69,6 +71,8 @@ _LAZY = {
                     "gra_async.samples"),
     **dict.fromkeys(("Decision", "Panel", "ScoredReview"), "gra_async.scoring"),
     **dict.fromkeys(("RegateSummary", "regate", "regate_async"), "gra_async.regating"),
+    **dict.fromkeys(("RefineStopReason", "RefineSummary", "Refiner", "refine", "refine_async"),
+                    "gra_async.refining"),
     **dict.fromkeys(("RunSummary", "StopReason", "Synthesizer", "TokenUsage", "run"),
                     "gra_async.synthesizer"),
 }
@@ -101,6 +105,10 @@ __all__ = [
     "PlannerConfig",
     "QualityReport",
     "RateLimitError",
+    "RefineConfig",
+    "RefineStopReason",
+    "RefineSummary",
+    "Refiner",
     "RegateSummary",
     "RequestTimeout",
     "RetriesExhausted",
@@ -125,6 +133,8 @@ __all__ = [
     "estimate",
     "load_config",
     "read_samples",
+    "refine",
+    "refine_async",
     "regate",
     "regate_async",
     "run",

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["first_error", "run_coroutine", "thread_until_done"]
+__all__ = ["block_on", "first_error", "run_coroutine", "thread_until_done"]
 
 T = TypeVar("T")
 
@@ -54,3 +54,17 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     result: T = uvloop.run(coro)
     return result
+
+
+def block_on(coro: Coroutine[Any, Any, T], name: str) -> T:
+    """`run_coroutine` for a public blocking call `gra_async.NAME()`: inside a running event
+    loop (Jupyter, async code) raises `UsageError` naming the `NAME_async` to await."""
+    from gra_async.errors import UsageError
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run_coroutine(coro)
+    coro.close()
+    raise UsageError(f"gra_async.{name}() cannot block inside a running event loop; "
+                     f"use `await gra_async.{name}_async(...)`")

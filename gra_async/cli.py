@@ -1,4 +1,4 @@
-"""`gra-async run | estimate | status | export | report | regate | doctor`: flags, the console, exit codes; nothing else.
+"""`gra-async run | estimate | refine | status | export | report | regate | doctor`: flags, the console, exit codes; nothing else.
 
 A thin layer over the Python API (`gra_async.Synthesizer`). What an error means for the
 process is decided here alone (`_exit_code`), the README's exit-code table: 0 target reached, 2 user
@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ from gra_async.errors import (
 from gra_async.formats import FORMATS, default_name
 
 if TYPE_CHECKING:
-    from gra_async.synthesizer import Synthesizer
+    from gra_async.synthesizer import RunSummary, Synthesizer
 
 __all__ = ["main"]
 
@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
                                f"(default {defaults.ESTIMATE_PRECISION}; 0: exactly --tasks)")
     estimate.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    refine = sub.add_parser("refine", help="GRA-Refined: review an existing dataset (--seeds), "
+                                           "rewrite what the panel rejects, keep the rest")
+    _run_flags(refine)
+    refine.add_argument("--max-rewrites", type=int, metavar="N",
+                        help="rewrites of a rejected seed, each reviewed again (default 1)")
+
     status = sub.add_parser("status", help="counts, calls and tokens of a run (works while it runs)")
     status.add_argument("--run-dir", type=Path, default=_DEFAULT_RUN_DIR,
                         help=f"run directory (default {_DEFAULT_RUN_DIR})")
@@ -201,6 +207,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["planner"] = {"seeds": args.seeds}
     if getattr(args, "no_adjudicator", False):
         out["gate"] = {"adjudicator": False}
+    if getattr(args, "max_rewrites", None) is not None:
+        out["refine"] = {"max_rewrites": args.max_rewrites}
     if getattr(args, "no_metadata", False):
         out["metadata"] = {"enabled": False}
     endpoints: dict[str, list[dict[str, Any]]] = {}
@@ -225,12 +233,57 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from gra_async.pipeline import plan_size
-    from gra_async.progress import ProgressDisplay
     from gra_async.synthesizer import Synthesizer
 
-    config = _config(args)
-    synth = Synthesizer(config, force=args.force, retry_failed=args.retry_failed)
+    synth = Synthesizer(_config(args), force=args.force, retry_failed=args.retry_failed)
+    summary, interrupted = await _drive(synth)
+    return _ended(summary.run_dir, interrupted=interrupted, done=summary.reached_target,
+                  so_far=f"{summary.accepted} accepted", explain=summary.explain(),
+                  result=f"{summary.accepted} accepted")
+
+
+def _ended(run_dir: Path, *, interrupted: bool, done: bool, so_far: str, explain: str,
+           result: str) -> int:
+    """The last words of `run` and `refine`, and their exit code."""
+    if interrupted:
+        raise Interrupted(f"interrupted; {so_far} so far. Run the same command again to resume.")
+    if not done:
+        print(explain, file=sys.stderr)
+        return EXIT_SHORT
+    print(f"done: {run_dir} ({result}); export with: {_prog()} export --run-dir {run_dir}")
+    return EXIT_OK
+
+
+async def _refine(args: argparse.Namespace) -> int:
+    from gra_async.refining import Refiner
+
+    for flag, value in (("--target", args.target), ("--rounds", args.rounds),
+                        ("--max-tasks", args.max_tasks)):
+        if value is not None:
+            raise ConfigError(f"refine: {flag} does not apply (every seed of --seeds is one "
+                              "task, in one round)")
+    if args.seeds is None:
+        raise ConfigError("refine: --seeds FILE is required (the dataset to refine)")
+    if args.mode == "batch":
+        raise ConfigError("refine: --mode batch is not supported yet; use online calls")
+    refiner = Refiner(_config(args), force=args.force, retry_failed=args.retry_failed)
+    run, interrupted = await _drive(refiner, lambda done: refiner.summarize(done).explain())
+    summary = refiner.summarize(run)
+    return _ended(summary.run_dir, interrupted=interrupted, done=summary.done,
+                  so_far=f"{summary.kept + summary.rewritten} of {summary.seeds} seeds accepted",
+                  explain=summary.explain(),
+                  result=f"{summary.kept} kept, {summary.rewritten} rewritten, "
+                         f"{summary.dropped} dropped")
+
+
+async def _drive(
+    synth: Synthesizer, explain: Callable[[RunSummary], str] | None = None,
+) -> tuple[RunSummary, bool]:
+    """Run with the live display and the signal handlers; (summary, interrupted).
+    `explain` words the display's last line."""
+    from gra_async.pipeline import plan_size
+    from gra_async.progress import ProgressDisplay
+
     signals = _Signals(synth)
     async with synth:
         if synth.metrics_url is not None:
@@ -247,16 +300,8 @@ async def _run(args: argparse.Namespace) -> int:
                     refresh.cancel()
         except BaseExceptionGroup as errors:
             raise first_error(errors) from None
-        display.final(summary)
-    if signals.interrupted:
-        raise Interrupted(f"interrupted; {summary.accepted} accepted so far. "
-                          "Run the same command again to resume.")
-    if not summary.reached_target:
-        print(summary.explain(), file=sys.stderr)
-        return EXIT_SHORT
-    print(f"done: {summary.run_dir} ({summary.accepted} accepted); "
-          f"export with: {_prog()} export --run-dir {summary.run_dir}")
-    return EXIT_OK
+        display.final(summary, None if explain is None else explain(summary))
+    return summary, signals.interrupted
 
 
 async def _estimate(args: argparse.Namespace) -> int:
@@ -430,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return run_coroutine(_run(args))
+        if args.command == "refine":
+            return run_coroutine(_refine(args))
         if args.command == "estimate":
             return run_coroutine(_estimate(args))
         if args.command == "status":

@@ -28,6 +28,7 @@ __all__ = [
     "GenerationConfig",
     "MetadataConfig",
     "PlannerConfig",
+    "RefineConfig",
     "RunConfig",
     "RunSettings",
     "load_config",
@@ -148,6 +149,13 @@ class MetadataConfig(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
 
 
+class RefineConfig(_Strict):
+    """The `[refine]` table (`refine`, GRA-Refined): how an existing dataset is improved."""
+
+    # Rewrites of a rejected seed, each reviewed again; 0: review only (keep or drop).
+    max_rewrites: int = Field(1, ge=0, le=10)
+
+
 class PlannerConfig(_Strict):
     """Where seeds come from and how their fields map onto ours."""
 
@@ -230,6 +238,7 @@ class RunConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     endpoints: dict[Role, tuple[EndpointConfig, ...]] = Field(default_factory=dict)
     prompts_dir: Path | None = None  # None: the templates shipped in the package

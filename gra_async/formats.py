@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMATS",
+    "REFINE_FIELDS",
     "TRAINING_FORMATS",
     "ExportFormat",
     "dataset_card",
@@ -36,6 +37,9 @@ FORMATS: tuple[ExportFormat, ...] = ("jsonl", "parquet", "alpaca", "sharegpt", "
 TRAINING_FORMATS: tuple[ExportFormat, ...] = ("alpaca", "sharegpt", "openai", "hf")
 # The text of a sample; everything else in an export row is provenance.
 _TEXT = ("instruction", "response")
+# A refined sample's link to the dataset it came from: in every format, as it names the
+# row a trainer would otherwise not know the source of (`refine`).
+REFINE_FIELDS = ("source_id", "origin")
 _NAMES: dict[ExportFormat, str] = {
     "jsonl": "samples.jsonl", "parquet": "samples.parquet", "alpaca": "samples.alpaca.json",
     "sharegpt": "samples.sharegpt.jsonl", "openai": "samples.openai.jsonl", "hf": "samples.hf",
@@ -71,6 +75,7 @@ def training_record(
                   "messages": _chat(instruction, response, fmt)}
     else:
         raise ValueError(f"{fmt} is not a training format")
+    record.update((k, row[k]) for k in REFINE_FIELDS if row.get(k) is not None)
     if with_provenance:
         record.update((k, v) for k, v in row.items() if k not in _TEXT and k not in record)
     return record
@@ -118,18 +123,24 @@ def sample_schema(criteria: Sequence[str]) -> pa.Schema:
         ("failed_reviews", pa.list_(pa.struct([("model", string), ("error", string)]))),
         ("duplicate_of", string), ("reason", string),
         ("keywords", pa.list_(string)), ("summary", string),
+        ("source_id", string), ("origin", string), ("rewrites", integer),
     ])
 
 
-def hf_schema(criteria: Sequence[str], *, with_provenance: bool) -> pa.Schema:
-    """The `hf` export's columns: the text and its chat form, then provenance if asked."""
+def hf_schema(criteria: Sequence[str], *, with_provenance: bool,
+              refined: bool = False) -> pa.Schema:
+    """The `hf` export's columns: the text and its chat form, a refine's source, then
+    provenance if asked."""
     import pyarrow as pa
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     fields = [pa.field("instruction", pa.string()), pa.field("response", pa.string()),
               pa.field("messages", pa.list_(message))]
+    if refined:
+        fields += [pa.field(name, pa.string()) for name in REFINE_FIELDS]
     if with_provenance:
-        fields += [f for f in sample_schema(criteria) if f.name not in _TEXT]
+        fields += [f for f in sample_schema(criteria)
+                   if f.name not in _TEXT and f.name not in (REFINE_FIELDS if refined else ())]
     return pa.schema(fields)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gra_async.seeds import Seed, SeedStore, top_keywords
 
-__all__ = ["Planner", "Task"]
+__all__ = ["Planner", "SeedPlan", "Task"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +114,21 @@ class Planner:
                 seed_ids=self._seeds.ids_at(domain, picks),
             )
             index += 1
+
+
+class SeedPlan(Planner):
+    """`refine`'s plan: task i of the round is seed i of the seed file, in file order.
+
+    Each task carries its one seed as `seed_ids`; the shard split is the generation plan's
+    (tasks I, I+N, ...), so refine shards merge as run shards do.
+    """
+
+    def __init__(self, seeds: SeedStore, run_seed: int) -> None:
+        super().__init__(seeds, run_seed, few_shot=0)
+
+    def tasks(self, round: int, start: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[Task]:
+        part, count = shard
+        for index, seed in enumerate(self._seeds):
+            if index >= start and index % count == part:
+                yield Task(id=f"r{round}-{index:07d}", round=round, index=index,
+                           domain=seed.domain, seed_ids=(seed.id,))

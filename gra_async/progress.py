@@ -190,8 +190,10 @@ class ProgressDisplay:
                 await asyncio.sleep(_LOG_EVERY)
                 print(headline(self.progress, self.plan), file=self.stream, flush=True)
 
-    def final(self, summary: RunSummary) -> None:
+    def final(self, summary: RunSummary, explain: str | None = None) -> None:
+        """The last table and lines; `explain` replaces the summary's own last line."""
         console = Console(file=self.stream)
         console.print(summary_table(self.progress, self.stats(), self.plan))
-        for line in [*summary_lines(self.progress, console.width, self.plan), summary.explain()]:
+        last = summary.explain() if explain is None else explain
+        for line in [*summary_lines(self.progress, console.width, self.plan), last]:
             console.print(Text(line, no_wrap=True, overflow="ellipsis"))

@@ -32,6 +32,7 @@ from gra_async.scoring import criteria_mean
 from gra_async.seeds import Seed
 
 __all__ = [
+    "REFINE_ONLY",
     "USER_MARKER",
     "PromptSet",
     "ReviewView",
@@ -61,9 +62,16 @@ _ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"instruction", "response", "keywords"}),
         frozenset({"instruction", "response"}),
     ),
+    "rewrite": (
+        frozenset({"instruction", "response", "reviews", "criteria"}),
+        frozenset({"instruction", "response", "reviews"}),
+    ),
 }
 # Added after prompts folders were first copied out: a folder without it uses the bundled one.
-_OPTIONAL = frozenset({"metadata"})
+_OPTIONAL = frozenset({"metadata", "rewrite"})
+# Templates only `refine` uses: a `run` digests its prompts folder without them, so its
+# config (and the run directories made before they existed) stays the same.
+REFINE_ONLY = frozenset({"rewrite.md"})
 
 
 def default_prompts_dir() -> Path:
@@ -186,15 +194,23 @@ def _reviews_block(reviews: Sequence[ReviewView], criteria: Sequence[str]) -> st
     return "\n".join(blocks)
 
 
+def _reviewed(instruction: str, response: str, reviews: Sequence[ReviewView],
+              criteria: Sequence[str]) -> dict[str, str]:
+    """The values of a template that shows a sample with its reviews."""
+    return {"instruction": _defuse(instruction), "response": _defuse(response),
+            "reviews": _reviews_block(reviews, criteria), "criteria": _criteria_line(criteria)}
+
+
 class PromptSet:
     """The three templates of a run, checked once at load time."""
 
     def __init__(self, generator: Template, reviewer: Template, adjudicator: Template,
-                 metadata: Template | None = None) -> None:
+                 metadata: Template | None = None, rewrite: Template | None = None) -> None:
         self.generator_template = generator
         self.reviewer_template = reviewer
         self.adjudicator_template = adjudicator
         self.metadata_template = metadata
+        self.rewrite_template = rewrite
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PromptSet:
@@ -218,7 +234,7 @@ class PromptSet:
                 raise ConfigError(f"{path}: cannot read prompt template ({exc})") from None
             templates[role] = Template.parse(text, str(path), allowed, required)
         return cls(templates["generator"], templates["reviewer"], templates["adjudicator"],
-                   templates["metadata"])
+                   templates["metadata"], templates["rewrite"])
 
     def generator(self, domain: str, keywords: list[str], examples: list[Seed]) -> list[dict[str, str]]:
         return self.generator_template.render({
@@ -245,11 +261,13 @@ class PromptSet:
             "keywords": str(keywords),
         })
 
+    def rewrite(self, instruction: str, response: str, reviews: list[ReviewView],
+                criteria: tuple[str, ...]) -> list[dict[str, str]]:
+        """A rejected sample and its reviews, for the generator to rewrite (`refine`)."""
+        assert self.rewrite_template is not None, "PromptSet made without a rewrite template"
+        return self.rewrite_template.render(_reviewed(instruction, response, reviews, criteria))
+
     def adjudicator(self, instruction: str, response: str, reviews: list[ReviewView],
                     criteria: tuple[str, ...]) -> list[dict[str, str]]:
-        return self.adjudicator_template.render({
-            "instruction": _defuse(instruction),
-            "response": _defuse(response),
-            "reviews": _reviews_block(reviews, criteria),
-            "criteria": _criteria_line(criteria),
-        })
+        return self.adjudicator_template.render(_reviewed(instruction, response, reviews,
+                                                          criteria))

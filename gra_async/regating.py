@@ -29,11 +29,11 @@ from typing import Any
 
 import orjson
 
-from gra_async._concurrency import first_error, run_coroutine
+from gra_async._concurrency import block_on, first_error
 from gra_async.client import AiohttpTransport, Endpoint, EndpointPool, Transport, probe
 from gra_async.config import EndpointConfig, GateConfig, RunConfig
 from gra_async.dedup import Deduplicator
-from gra_async.errors import ConfigError, RunDirError, TaskFailed, UsageError
+from gra_async.errors import ConfigError, RunDirError, TaskFailed
 from gra_async.pipeline import Progress
 from gra_async.pipeline._budget import Budget
 from gra_async.pipeline._calls import Caller
@@ -359,11 +359,4 @@ def _dedup_again(run_dir: Path, snapshot: Mapping[str, Any], touched: set[str]) 
 def regate(src: str | Path, dst: str | Path, **kwargs: Any) -> RegateSummary:
     """`regate_async` for scripts: blocks until DST is written. Inside a running event loop
     raises `UsageError`: await `gra_async.regate_async(...)` there."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise UsageError("gra_async.regate() cannot block inside a running event loop; "
-                         "use `await gra_async.regate_async(...)`")
-    return run_coroutine(regate_async(src, dst, **kwargs))
+    return block_on(regate_async(src, dst, **kwargs), "regate")

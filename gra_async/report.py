@@ -68,6 +68,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         endpoints = orjson.loads(reader.meta("endpoints") or "[]")
         abandoned = (int(reader.meta("abandoned_calls") or 0),
                      int(reader.meta("abandoned_tokens") or 0))
+        refined = "refine" in orjson.loads(reader.meta("config") or "{}")
+        origins = {str(o): n for o, n in reader.body_counts("accepted", "origin")} if refined else {}
     finally:
         reader.close()
     # Seconds the sessions ran (start to last call), not the hours between them.
@@ -109,6 +111,10 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         "active_seconds": active,
         "eta_seconds": (left / rate) if rate else None,
         "updated": time.time(),
+        # A `refine` run: seeds kept as they were, accepted after a rewrite, dropped.
+        "refine": {"seeds": target, "kept": origins.get("kept", 0),
+                   "rewritten": origins.get("rewritten", 0),
+                   "dropped": counts["rejected"]} if refined else None,
     }
 
 
@@ -118,6 +124,10 @@ def format_status(report: dict[str, Any]) -> str:
         f"(duplicates {report['duplicates']})  failed {report['failed']}  "
         f"in progress {report['in_progress']}  planned {report['planned']}  calls {report['calls']}",
     ]
+    if report.get("refine"):
+        r = report["refine"]
+        lines.append(f"refine: {r['kept']} kept, {r['rewritten']} rewritten, {r['dropped']} "
+                     f"dropped of {r['seeds']} seeds")
     if report["accepted_per_second"]:
         eta = report["eta_seconds"]
         lines.append(f"rate {report['accepted_per_second']:.3f} accepted/s"
@@ -194,7 +204,8 @@ def export(
         if fmt in TRAINING_FORMATS:
             rows = (training_record(row, fmt, with_provenance=with_provenance) for row in rows)
         if fmt == "hf":
-            written = _write_hf(rows, tmp, hf_schema(criteria, with_provenance=with_provenance))
+            written = _write_hf(rows, tmp, hf_schema(criteria, with_provenance=with_provenance,
+                                                     refined="refine" in config))
         elif fmt == "parquet":
             written = _write_parquet(rows, tmp, sample_schema(criteria))
         elif out.suffix == ".json":  # a JSON array, as Stanford Alpaca ships its data

@@ -23,8 +23,8 @@ from gra_async.config import GateConfig, GenerationConfig, RunConfig
 from gra_async.dedup import Deduplicator, layout
 from gra_async.errors import ConfigError
 from gra_async.pipeline import Filter, Gate, Pipeline, plan_size
-from gra_async.planner import Planner
-from gra_async.prompts import PromptSet, default_prompts_dir
+from gra_async.planner import Planner, SeedPlan
+from gra_async.prompts import REFINE_ONLY, PromptSet, default_prompts_dir
 from gra_async.seeds import SeedStore
 from gra_async.store import Journal, RunLock
 from gra_async.team import Team, build_team
@@ -38,13 +38,18 @@ _OPERATIONAL = ("run_dir", "target", "rounds", "concurrency", "max_in_flight", "
                 "stall_timeout", "metrics_port", "metrics_host", "max_cost", "mode")
 
 
-def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str, Any]:
+def snapshot(config: RunConfig, *, seeds_sha256: str | None = None,
+             refine: bool = False) -> dict[str, Any]:
     """The config as it decides results: operational knobs and secrets left out, inputs hashed.
 
     Changing the target, concurrency, rate limits, URLs or timeouts continues a run;
-    changing models, prompts, seeds, the gate or the run seed is a different run.
+    changing models, prompts, seeds, the gate or the run seed is a different run. A
+    `refine` run's snapshot holds its `[refine]` table; a generation run's never does, so
+    neither can continue the other.
     """
     data = config.model_dump(mode="json")
+    if not refine:
+        data.pop("refine", None)
     for key in _OPERATIONAL:
         data["run"].pop(key, None)
     data.pop("batch", None)  # how calls travel, not what they ask
@@ -57,7 +62,8 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None) -> dict[str,
         for role, endpoints in data["endpoints"].items()
     }
     prompts_dir = config.prompts_dir or default_prompts_dir()
-    data["prompts_sha256"] = _digest(sorted(prompts_dir.glob("*.md")))
+    data["prompts_sha256"] = _digest(sorted(p for p in prompts_dir.glob("*.md")
+                                            if refine or p.name not in REFINE_ONLY))
     seeds = config.planner.seeds
     if seeds_sha256 is not None:  # known already: a seed set may be gigabytes to hash again
         data["seeds_sha256"] = seeds_sha256
@@ -146,6 +152,7 @@ class Run:
 async def open_run(
     config: RunConfig, *, force: bool = False, filters: Sequence[Filter] = (),
     gate: Gate | None = None, retry_failed: bool = False, transport: Transport | None = None,
+    refine: bool = False,
 ) -> AsyncIterator[Run]:
     """Everything a run needs, validated before any task starts (bad input fails here).
 
@@ -154,7 +161,11 @@ async def open_run(
     not record that config as the run directory's own. The config recorded is the one
     that decides results: with the embedded default, its model and its gate. `transport`
     replaces the HTTP stack (tests, another client library); it is not closed here.
+    `refine`: the tasks are the seeds themselves, one each, reviewed and rewritten
+    (pipeline/_refine.py); one round, and the target is every seed of the plan.
     """
+    if refine:
+        config = config.model_copy(update={"run": config.run.model_copy(update={"rounds": 1})})
     prompts = PromptSet.load(config.prompts_dir)
     run_dir = config.run.run_dir
     async with contextlib.AsyncExitStack() as stack:
@@ -163,9 +174,14 @@ async def open_run(
         if transport is None:  # one given is the caller's to close
             transport = AiohttpTransport()
             stack.push_async_callback(transport.aclose)
-        inputs = snapshot(config)
+        inputs = snapshot(config, refine=refine)
         seeds = _seed_store(config, inputs)
         stack.callback(seeds.close)
+        if refine:
+            part, count = config.run.shard_parts
+            tasks = len(range(part, len(seeds), count))
+            config = config.model_copy(update={"run": config.run.model_copy(
+                update={"target": max(tasks, 1), "max_tasks": max(tasks, 1)})})
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
         ensure_open_files(config.run.concurrency)
@@ -177,16 +193,19 @@ async def open_run(
         if config.has_endpoints:  # the embedded default's caps are ours, sized to its servers
             for note in team.binding_caps(config.run.concurrency):
                 log.warning("%s", note)
-        journal = Journal.open(run_dir, snapshot(live, seeds_sha256=inputs["seeds_sha256"]),
+        journal = Journal.open(run_dir, snapshot(live, seeds_sha256=inputs["seeds_sha256"],
+                                                 refine=refine),
                                force=force, lock=lock)
         stack.push_async_callback(journal.close)
         if retry_failed and (replanned := journal.replan_failed()):
             log.warning("%d failed tasks whose endpoint failed them are planned again", replanned)
         threshold = config.planner.near_dup_threshold
         dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
-        planner = Planner(seeds, config.run.seed, config.generation.few_shot)
+        planner = (SeedPlan(seeds, config.run.seed) if refine
+                   else Planner(seeds, config.run.seed, config.generation.few_shot))
         pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
-                            gate=gate, transport=transport)
+                            gate=gate, transport=transport,
+                            max_rewrites=config.refine.max_rewrites if refine else None)
         pipeline.resume_state()
         # Session starts: `status` rates count the time sessions ran, not the gaps between them.
         sessions = [*orjson.loads(journal.meta("sessions") or "[]"), time.time()]

@@ -2,7 +2,7 @@
 
 These are the file formats' models (pydantic): the export's fields as the README lists them, in
 that order, then the provenance a run adds (`round`, `failed_reviews`, `duplicate_of`,
-`reason`) and the metadata (`keywords`, `summary`). Unknown keys in a journal written by a later version are ignored.
+`reason`) the metadata (`keywords`, `summary`), and a refine's `source_id`, `origin`, `rewrites`. Unknown keys in a journal written by a later version are ignored.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class Sample(_Record):
     reason: str | None = None  # why a filter rejected it, or why the task failed
     keywords: list[str] = Field(default_factory=list)  # metadata (README: Metadata)
     summary: str | None = None
+    # `refine` (README: Refining an existing dataset); None in a generation run.
+    source_id: str | None = None  # the seed's id
+    origin: Literal["kept", "rewritten"] | None = None
+    rewrites: int | None = None  # rewrites made of the seed
 
 
 def read_samples(run_dir: str | Path, *, include_all: bool = False) -> Iterator[Sample]:

@@ -110,6 +110,8 @@ class Synthesizer:
     `aclose`); the caller closes it.
     """
 
+    _refine = False  # `gra_async.Refiner`: the seeds are the samples (refining.py)
+
     def __init__(
         self,
         config: RunConfig | Mapping[str, Any],
@@ -139,7 +141,8 @@ class Synthesizer:
         try:
             self._run = await stack.enter_async_context(open_run(
                 self.config, force=self._force, filters=self._filters, gate=self._gate,
-                retry_failed=self._retry_failed, transport=self._transport))
+                retry_failed=self._retry_failed, transport=self._transport,
+                refine=self._refine))
             settings = self.config.run
             if settings.metrics_port is not None:
                 from gra_async.metrics import MetricsServer

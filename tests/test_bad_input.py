@@ -131,6 +131,52 @@ def test_seeds_of_unknown_format(server: FakeServerProcess, tmp_path: Path) -> N
     assert_user_error(out, str(seeds), "unknown seeds format '.txt'", ".jsonl")
 
 
+# --- refine: the dataset to refine --------------------------------------------------------
+
+
+def good_refine(server: FakeServerProcess, run_dir: Path, seeds: Path, *extra: str) -> list[str]:
+    return ["refine", "--seeds", str(seeds), "--run-dir", str(run_dir), *endpoints(server),
+            *extra]
+
+
+@pytest.mark.parametrize(
+    ("record", "needles"),
+    [({"text": "a poem", "label": 3}, (":1:", "sharegpt conversations", "openai messages")),
+     ({"conversations": "hello"}, (":1:", "'conversations' is not a list of turns")),
+     ({"messages": [{"role": "user", "content": "hi"}]},
+      (":1:", "no user turn followed by an assistant turn")),
+     ({"conversations": [{"from": "gpt", "value": "hi"}]},
+      (":1:", "no human turn followed by an assistant turn"))],
+    ids=["no-known-fields", "conversations-not-turns", "no-answer", "no-question"],
+)
+def test_refine_seeds_of_no_known_format(
+    server: FakeServerProcess, tmp_path: Path, record: dict[str, object],
+    needles: tuple[str, ...],
+) -> None:
+    seeds = tmp_path / "data.jsonl"
+    seeds.write_text(json.dumps(record) + "\n")
+    out = gra(*good_refine(server, tmp_path / "run", seeds))
+    assert_user_error(out, str(seeds), *needles)
+    assert not (tmp_path / "run" / "journal.sqlite").exists()
+
+
+def test_refine_without_seeds(server: FakeServerProcess, tmp_path: Path) -> None:
+    out = gra("refine", "--run-dir", str(tmp_path / "run"), *endpoints(server))
+    assert_user_error(out, "--seeds FILE is required")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--target", "5"), ("--rounds", "2"),
+                                             ("--max-rewrites", "-1"), ("--max-rewrites", "11")])
+def test_refine_flags_that_do_not_apply_or_are_out_of_range(
+    server: FakeServerProcess, tmp_path: Path, flag: str, value: str,
+) -> None:
+    seeds = tmp_path / "data.jsonl"
+    seeds.write_text('{"instruction": "a", "response": "b"}\n')
+    out = gra(*good_refine(server, tmp_path / "run", seeds, flag, value))
+    assert_user_error(out, "does not apply" if flag in ("--target", "--rounds")
+                      else "refine.max_rewrites")
+
+
 # --- endpoints -----------------------------------------------------------------------------
 
 

@@ -111,7 +111,7 @@ class TestTemplateFiles:
         folder = default_prompts_dir()
         assert folder.resolve() == Path(gra_async.__file__).resolve().parent / "data" / "prompts"
         assert sorted(path.name for path in folder.glob("*.md")) == [
-            "adjudicator.md", "generator.md", "metadata.md", "reviewer.md"]
+            "adjudicator.md", "generator.md", "metadata.md", "reviewer.md", "rewrite.md"]
 
     def test_missing_folder(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="prompts folder not found"):

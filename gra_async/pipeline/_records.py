@@ -68,6 +68,10 @@ class SampleBody:
     failure: str | None = None  # the failure's kind, for counting
     keywords: tuple[str, ...] | None = None  # metadata of an accepted sample
     summary: str | None = None
+    # `refine`: the seed sample this one is, or was rewritten from, and which of the two.
+    source_id: str | None = None
+    origin: Literal["kept", "rewritten"] | None = None
+    rewrites: int | None = None  # rewrites made of the seed (`refine`)
 
     def to_json(self) -> dict[str, Any]:
         """The journal's `body`: the export's fields, and the optional ones only when set."""
@@ -86,7 +90,8 @@ class SampleBody:
                 "reason": self.adjudication.reason},
             "decision": self.decision,
         }
-        for key in ("duplicate_of", "reason", "failure", "summary"):
+        for key in ("duplicate_of", "reason", "failure", "summary", "source_id", "origin",
+                    "rewrites"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value

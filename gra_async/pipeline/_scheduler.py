@@ -39,6 +39,7 @@ from gra_async.pipeline._budget import Budget, OverBudget
 from gra_async.pipeline._calls import Caller
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import SampleBody, sample_record
+from gra_async.pipeline._refine import RefineSteps
 from gra_async.pipeline._steps import Filter, Gate, TaskSteps, dedup_text
 from gra_async.planner import Planner, Task
 from gra_async.prompts import PromptSet
@@ -78,6 +79,7 @@ class Pipeline:
         filters: Sequence[Filter] = (),
         gate: Gate | None = None,
         transport: Transport | None = None,
+        max_rewrites: int | None = None,
     ) -> None:
         self.config = config
         self.team = team
@@ -95,8 +97,13 @@ class Pipeline:
             self._waves = BatchWaves(config, team, journal, self.progress, self.budget,
                                      transport, lambda: self._running)
             self._caller.waves = self._waves
-        self._steps = TaskSteps(config, team, prompts, planner, journal, self._caller,
-                                self.progress, self._dedup_index, filters=filters, gate=gate)
+        # `refine` (max_rewrites set): each task's sample is a seed, reviewed and rewritten.
+        self._steps = (TaskSteps(config, team, prompts, planner, journal, self._caller,
+                                 self.progress, self._dedup_index, filters=filters, gate=gate)
+                       if max_rewrites is None else
+                       RefineSteps(config, team, prompts, planner, journal, self._caller,
+                                   self.progress, self._dedup_index, gate=gate,
+                                   max_rewrites=max_rewrites))
         self._finished = FinishedTasks()
         self._goal = 0
         self._stopping = False

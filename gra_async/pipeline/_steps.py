@@ -40,7 +40,7 @@ from gra_async.scoring import (
     parse_verdict,
 )
 from gra_async.store import Journal
-from gra_async.team import Team
+from gra_async.team import Assignment, Team
 
 __all__ = ["Filter", "Gate", "GateVerdict", "TaskSteps", "dedup_text"]
 
@@ -127,11 +127,19 @@ class TaskSteps:
                 body.decision, body.reason = "filtered", reason
                 return body
         self._record(task, "generated", body)
+        await self._judge(task, team, body)
+        if body.decision == "accept" and self._config.metadata.enabled:
+            await self._describe(task, body, team.generator)
+        return body
 
-        review_prompt = self._prompts.reviewer(sample.instruction, sample.response,
+    async def _judge(self, task: Task, team: Assignment, body: SampleBody, slot: str = "") -> None:
+        """The review panel, the gate and, on a dispute, the adjudicator: `body.decision`
+        becomes accept or reject. `slot` keeps apart the calls of the versions of one
+        task's sample (`refine` reviews each rewrite again)."""
+        review_prompt = self._prompts.reviewer(body.instruction, body.response,
                                                self._config.gate.criteria)
         async with asyncio.TaskGroup() as group:
-            pending = [group.create_task(self._review(task, model, review_prompt))
+            pending = [group.create_task(self._review(task, model, review_prompt, slot))
                        for model in team.reviewers]
         outcomes = [p.result() for p in pending]
         # A review lost to the endpoint (not the reviewer's fault) is asked again when the
@@ -160,10 +168,10 @@ class TaskSteps:
             self._record(task, "adjudicating", body)
             views = [ReviewView(f"Reviewer {i + 1}", r.scores, r.feedback)
                      for i, r in enumerate(body.reviews)]
-            messages = self._prompts.adjudicator(sample.instruction, sample.response, views,
+            messages = self._prompts.adjudicator(body.instruction, body.response, views,
                                                  self._config.gate.criteria)
             verdict, reply = await self._caller.structured(
-                task, "adjudicator", team.adjudicator, messages, parse_verdict, "adj")
+                task, "adjudicator", team.adjudicator, messages, parse_verdict, f"{slot}adj")
             body.tokens += reply.prompt_tokens + reply.completion_tokens
             body.adjudication = Adjudication(team.adjudicator, verdict.decision, verdict.reason)
             self._progress.adjudicated += 1
@@ -171,9 +179,6 @@ class TaskSteps:
         else:
             self._record(task, "reviewed", body)
         body.decision = "accept" if decision is Decision.ACCEPT else "reject"
-        if body.decision == "accept" and self._config.metadata.enabled:
-            await self._describe(task, body, team.generator)
-        return body
 
     async def _describe(self, task: Task, body: SampleBody, model: str) -> None:
         """Keywords and a summary of an accepted sample, asked of the model that wrote it.
@@ -214,7 +219,7 @@ class TaskSteps:
         return decision
 
     async def _review(
-        self, task: Task, model: str, messages: list[dict[str, str]],
+        self, task: Task, model: str, messages: list[dict[str, str]], slot: str = "",
     ) -> tuple[ScoredReview | FailedReview | RetriesExhausted | BadRequestError | OverBudget, int]:
         """One reviewer's review and the tokens it cost. Invalid replies make a failed
         review; a call lost to the endpoint comes back as its error, so the other
@@ -223,7 +228,7 @@ class TaskSteps:
         try:
             review, reply = await self._caller.structured(
                 task, "reviewer", model, messages,
-                lambda text: parse_review(text, criteria), f"rev/{model}")
+                lambda text: parse_review(text, criteria), f"{slot}rev/{model}")
         except TaskFailed as exc:
             return FailedReview(model, str(exc)), 0
         except (RetriesExhausted, BadRequestError, OverBudget) as exc:

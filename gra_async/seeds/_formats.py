@@ -59,11 +59,39 @@ def _pick(record: Mapping[str, Any], configured: str | None, candidates: Sequenc
     return next((name for name in candidates if name in record), None)
 
 
+# Chat records: (list field, speaker key, text key, user speakers, assistant speakers).
+_CHATS = (("conversations", "from", "value", ("human", "user"), ("gpt", "assistant")),
+          ("messages", "role", "content", ("user",), ("assistant",)))
+
+
+def _chat_to_fields(record: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A ShareGPT (`conversations`) or OpenAI (`messages`) record as instruction/response:
+    the first user turn and the assistant turn after it; None for a record of neither kind."""
+    for name, speaker, text, users, assistants in _CHATS:
+        turns = record.get(name)
+        if name not in record or any(k in record for k in INSTRUCTION_FIELDS):
+            continue
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise fail(where, f"field {name!r} is not a list of turns",
+                       f'write {name} as [{{"{speaker}": ..., "{text}": ...}}, ...]')
+        asked = next((i for i, t in enumerate(turns) if t.get(speaker) in users), None)
+        answer = None if asked is None else next(
+            (t for t in turns[asked + 1:] if t.get(speaker) in assistants), None)
+        if asked is None or answer is None:
+            raise fail(where, f"{name} has no {users[0]} turn followed by an {assistants[-1]} "
+                       "turn", "give every conversation a question and its answer")
+        return {**record, "instruction": _text(turns[asked].get(text), text, where),
+                "response": _text(answer.get(text), text, where)}
+    return None
+
+
 def _record_to_seed(record: Any, where: str, default_id: str, cfg: PlannerConfig) -> Seed:
     if not isinstance(record, dict):
         raise fail(where, f"expected a JSON object, found {type(record).__name__}",
                    'write one object per line, like {"instruction": ..., "response": ...}')
     found = ", ".join(sorted(map(str, record))) or "none"
+    if cfg.instruction_field is None and cfg.response_field is None:
+        record = _chat_to_fields(record, where) or record
     instruction_key = _pick(record, cfg.instruction_field, INSTRUCTION_FIELDS)
     response_key = _pick(record, cfg.response_field, RESPONSE_FIELDS)
     missing = []
@@ -73,7 +101,9 @@ def _record_to_seed(record: Any, where: str, default_id: str, cfg: PlannerConfig
         missing.append(cfg.response_field or "response/output/answer")
     if instruction_key is None or response_key is None:
         raise fail(where, f"no {' or '.join(missing)} field (found: {found})",
-                   "rename the fields or set planner.instruction_field / planner.response_field")
+                   "use instruction/response, alpaca instruction/input/output, sharegpt "
+                   "conversations or openai messages, or set planner.instruction_field / "
+                   "planner.response_field")
     instruction = _text(record[instruction_key], instruction_key, where).strip()
     response = _text(record[response_key], response_key, where).strip()
     for configured, setting in ((cfg.input_field, "input_field"), (cfg.domain_field, "domain_field")):
