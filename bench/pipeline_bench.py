@@ -37,7 +37,7 @@ from pathlib import Path
 from gra_async.config import load_config
 from gra_async.defaults import CRITERIA
 from gra_async.metrics import MetricsServer
-from gra_async.runner import open_run
+from gra_async.runner import Run, open_run
 from gra_async.testing.fake_server import FakeServerProcess
 
 MODELS = ("gen-a", "rev-b", "rev-c", "adj-d")
@@ -64,16 +64,27 @@ async def _lag(samples: list[float], period: float = 0.05) -> None:
         samples.append(loop.time() - due)
 
 
+async def _windows(run: Run, trace: list[str], period: float = 2.0) -> None:
+    """Every `period` s: each endpoint's window and calls in flight (`--trace`)."""
+    started = time.perf_counter()
+    while True:
+        await asyncio.sleep(period)
+        cells = " ".join(f"{s.model}:{s.window:.0f}/{s.in_flight}" for s in run.stats())
+        trace.append(f"{time.perf_counter() - started:6.1f}s {cells}")
+
+
 async def bench(
     run_dir: Path, url: str, target: int, concurrency: int, metrics: bool = False,
-    lags: list[float] | None = None, replicas: int = 1,
+    lags: list[float] | None = None, replicas: int = 1, fixed: bool = False,
+    trace: list[str] | None = None,
 ) -> tuple[float, int, list[float]]:
     # `replicas` endpoints per model, as a fleet behind one orchestrator would be (one fake
     # server answers for all of them: what is measured is the orchestrator).
     cap = max(1, concurrency // replicas)
 
     def fleet(model: str) -> list[dict[str, object]]:
-        return [{"base_url": url, "model": model, "max_concurrency": cap}] * replicas
+        return [{"base_url": url, "model": model, "max_concurrency": cap,
+                 "adaptive": not fixed}] * replicas
 
     endpoints = {
         "generator": fleet("gen-a"),
@@ -94,13 +105,15 @@ async def bench(
             scraper = threading.Thread(target=_scrape_every, args=(server.url, 1.0, stop, scrapes))
             scraper.start()
         lag = asyncio.create_task(_lag(lags)) if lags is not None else None
+        watch = asyncio.create_task(_windows(run, trace)) if trace is not None else None
         try:
             started = time.perf_counter()
             await run.pipeline.run()
             wall = time.perf_counter() - started
         finally:
-            if lag is not None:
-                lag.cancel()
+            for task in (lag, watch):
+                if task is not None:
+                    task.cancel()
             stop.set()
             if scraper is not None:
                 scraper.join()
@@ -124,6 +137,10 @@ def main() -> None:
                         help="the fleet scenario: C=10,000, L=8±2 s, target 30,000")
     parser.add_argument("--replicas", type=int, default=1,
                         help="endpoints per model (a fleet), each capped at C / replicas")
+    parser.add_argument("--fixed", action="store_true",
+                        help="adaptive = false on every endpoint: windows stay at their caps")
+    parser.add_argument("--trace", action="store_true",
+                        help="print each endpoint's window / calls in flight every 2 s")
     parser.add_argument("--baseline", action="store_true",
                         help="then as many calls through bare AsyncOpenAI + a semaphore")
     args = parser.parse_args()
@@ -145,20 +162,25 @@ def main() -> None:
     base = "/dev/shm" if args.no_journal_disk else None
     run_dir = Path(tempfile.mkdtemp(prefix="gra-bench-", dir=base))
     lags: list[float] = []
+    trace: list[str] | None = [] if args.trace else None
     cpu = time.process_time()
     try:
         wall, calls, scrapes = runner(bench(run_dir, server.base_url, args.target,
-                                            args.concurrency, args.metrics, lags, args.replicas))
+                                            args.concurrency, args.metrics, lags, args.replicas,
+                                            args.fixed, trace))
         cpu = time.process_time() - cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
         server.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+    for line in trace or ():
+        print(line)
     ideal = calls * args.latency / args.concurrency
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"pipeline: target={args.target} C={args.concurrency} L={args.latency}±{args.jitter}s "
           f"journal={'RAM' if args.no_journal_disk else 'disk'} cores={os.cpu_count()} "
-          f"metrics={'scraped every 1 s' if args.metrics else 'off'}")
+          f"metrics={'scraped every 1 s' if args.metrics else 'off'} "
+          f"windows={'fixed' if args.fixed else 'adaptive'}")
     print(f"calls={calls} wall={wall:.2f}s ideal={ideal:.2f}s efficiency={ideal / wall:.2f} "
           f"calls/s={calls / wall:.0f} peak RSS={rss:.0f} MB")
     lags.sort()

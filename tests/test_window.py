@@ -117,43 +117,49 @@ def simulate(
     seconds: float = 300.0,
     jitter: float = 0.2,
     seed: int = 1,
+    cpu: float = 0.0,
 ) -> list[tuple[float, float, float]]:
     """Closed loop: `cap` callers always ready, gated by one window; the server serves
-    FIFO with `capacity(t)` slots and `service(t)` (+- jitter) seconds per call.
+    FIFO with `capacity(t)` slots and `service(t)` (+- jitter) seconds per call. With
+    `cpu`, the client spends that long on each reply, one at a time (one event loop): a
+    reply waits for the ones before it, and the window is told how late the loop runs.
     Returns (time, window, queue wait of the call that just finished) per reply."""
     rng = random.Random(seed)
     window = ConcurrencyWindow(cap)
-    events: list[tuple[float, int, float, float]] = []  # (done at, seq, sent at, waited)
-    queue: deque[float] = deque()
+    # (done at, seq, sent at, waited, calls in flight when sent)
+    events: list[tuple[float, int, float, float, int]] = []
+    queue: deque[tuple[float, int]] = deque()
     running = in_flight = seq = 0
-    now = 0.0
+    now = busy_until = 0.0
     trace = []
 
-    def start(sent: float) -> None:
+    def start(sent: float, load: int) -> None:
         nonlocal running, seq
         running += 1
         seq += 1
         took = service(now) * (1 + rng.uniform(-jitter, jitter))
-        heapq.heappush(events, (now + took, seq, sent, now - sent))
+        heapq.heappush(events, (now + took, seq, sent, now - sent, load))
 
     def admit() -> None:
         nonlocal in_flight
         while in_flight < window.limit:
             in_flight += 1
             if running < capacity(now):
-                start(now)
+                start(now, in_flight)
             else:
-                queue.append(now)
+                queue.append((now, in_flight))
         window.blocked()
 
     admit()
     while events and now < seconds:
-        now, _, sent, waited = heapq.heappop(events)
+        done, _, sent, waited, load = heapq.heappop(events)
+        now = max(done, busy_until)  # the server's slot is freed late too: close enough
+        busy_until = now + cpu
         running -= 1
         in_flight -= 1
         while queue and running < capacity(now):
-            start(queue.popleft())
-        window.replied(now - sent, now, in_flight)
+            start(*queue.popleft())
+        window.replied(now - sent, now, in_flight, sent_with=load, lag=now - done)
         trace.append((now, window.value, waited))
         admit()
     return trace
@@ -193,6 +199,30 @@ class TestVirtualClock:
         trace = simulate(lambda t: 20_000, lambda t: 8.0, cap=10_000, seconds=200, jitter=0.25)
         assert min(t[1] for t in trace) >= 7_500
         assert all(t[1] == 10_000 for t in trace if t[0] > 100)
+
+    def test_a_client_slower_than_the_server_is_not_a_queue(self) -> None:
+        # The client reads 800 replies a second; 500 calls at 0.5 s would bring 1,000: its
+        # own backlog adds ~0.12 s to every latency, and no server queue exists. Cutting the
+        # window cannot help, and in a pipeline (demand in bursts) it costs throughput.
+        trace = simulate(lambda t: 20_000, lambda t: 0.5, cap=500, seconds=120, cpu=1 / 800)
+        window, _, rate = _steady(trace, 30)
+        assert window >= 0.9 * 500
+        assert min(t[1] for t in trace if t[0] > 30) >= 0.75 * 500
+        assert rate >= 0.95 * 800
+
+    def test_a_lull_in_demand_is_not_read_as_capacity(self) -> None:
+        window = ConcurrencyWindow(500)
+        now = 0.0
+        for _ in range(40):  # a steady first stretch: 100 calls in flight, 0.5 s each
+            now += 0.005
+            window.replied(0.5, now, 99, sent_with=100)
+        lowest = 500
+        for _ in range(120):  # a lull: one call at a time, and replies a little slower
+            now += 0.6
+            window.replied(0.6, now, 0, sent_with=1)
+            lowest = min(lowest, window.limit)
+        assert lowest >= 375  # the early probe's three quarters, no lower
+        assert window.limit == 500
 
     def test_a_replica_removed_then_added_back(self) -> None:
         def capacity(t: float) -> int:

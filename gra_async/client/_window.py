@@ -11,8 +11,12 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
 - An epoch whose mean is over the base by `_TOLERANCE` of it, by `_NOISE` seconds (below
   ~20 ms a busy client's own event-loop lag moves latency more than a queue does) and by
   three standard errors of that mean (a shared machine's stalls are noise, not a queue)
-  had a queue in front of it. By Little's law the server sustains throughput x base
-  calls; the window goes there, plus `_MARGIN`.
+  had a queue in front of it, unless the rise is within twice our own event loop's lag
+  (`_lag.py`: a busy client reads every reply late) or means less than one call waiting
+  (calls in flight x (1 - base / mean), as TCP Vegas counts a path's queue). By Little's
+  law the server sustains throughput x base calls (and calls in flight x base / mean,
+  which holds where a lull in demand made the throughput read low); the window goes
+  there, plus `_MARGIN`.
 - An epoch without a queue in which the window held calls back grows it: doubling while
   no knee is known, then by `_GROWTH`, every other epoch (the one between shows what the
   step did). The window then swings between ~1.05 and ~1.25 times the knee: a queue wait
@@ -30,7 +34,8 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   was still past the knee, and another comes at once from the lower window; the same
   latency with
   less throughput means no queue, the work is slower: that latency is the new base.
-  A cut that lowered throughput and not latency asks for a probe the same way.
+  A cut that lowered throughput and not latency asks for a probe the same way. A probe
+  whose smaller window held no call back (demand was under it) only measures a base.
 - 429 and 503 halve it, at most once per `_CUT_INTERVAL`: a storm arrives as one burst.
 """
 
@@ -59,9 +64,30 @@ class ConcurrencyWindow:
     """One endpoint's window; fed by the endpoint on the event loop (not thread-safe)."""
 
     __slots__ = (
-        "_base", "_blocked", "_checked", "_cut", "_cut_at", "_epochs", "_fastest", "_knee", "_last",
-        "_latency_sum", "_next_probe", "_probe", "_reference", "_replies", "_restore",
-        "_samples", "_series", "_settling", "_square_sum", "_started", "adaptive", "cap",
+        "_base",
+        "_blocked",
+        "_checked",
+        "_cut",
+        "_cut_at",
+        "_epochs",
+        "_fastest",
+        "_knee",
+        "_lag_sum",
+        "_last",
+        "_latency_sum",
+        "_load_sum",
+        "_next_probe",
+        "_probe",
+        "_reference",
+        "_replies",
+        "_restore",
+        "_samples",
+        "_series",
+        "_settling",
+        "_square_sum",
+        "_started",
+        "adaptive",
+        "cap",
         "value",
     )
 
@@ -75,6 +101,8 @@ class ConcurrencyWindow:
         self._samples = 0  # the replies whose latency counts (see `replied`)
         self._latency_sum = 0.0
         self._square_sum = 0.0  # for the epoch mean's standard error
+        self._load_sum = 0  # calls in flight here when each counted call was sent
+        self._lag_sum = 0.0  # how late our own loop ran, at each counted reply
         self._fastest = float("inf")  # of the first epoch
         self._blocked = False  # the window held a call back during this epoch
         self._settling = False  # the window changed: this epoch shows the old one, not it
@@ -105,8 +133,13 @@ class ConcurrencyWindow:
         """A call was held back by the window: growing it could have sent more."""
         self._blocked = True
 
-    def replied(self, latency: float, now: float, in_flight: int) -> None:
-        """A successful reply after `latency` seconds, with `in_flight` calls still out."""
+    def replied(self, latency: float, now: float, in_flight: int, *, sent_with: int = 0,
+                lag: float = 0.0) -> None:
+        """A successful reply after `latency` seconds, with `in_flight` calls still out.
+
+        `sent_with`: the calls in flight here when it was sent, itself included (0: unknown,
+        `in_flight + 1` is used). `lag`: how late our own event loop runs (`_lag.py`).
+        """
         if not self.adaptive:
             if self.value < self.cap:  # after a cut, back to the cap additively
                 self.value = min(float(self.cap), self.value + 1.0 / self.value)
@@ -120,6 +153,8 @@ class ConcurrencyWindow:
         self._samples += 1
         self._latency_sum += latency
         self._square_sum += latency * latency
+        self._load_sum += sent_with or in_flight + 1
+        self._lag_sum += lag
         if self._samples < _MIN_SAMPLES:
             return
         elapsed = now - self._started
@@ -140,7 +175,8 @@ class ConcurrencyWindow:
             return  # what was sent under a larger window is still draining
         n = self._samples
         error = math.sqrt(max(0.0, self._square_sum / n - mean * mean) / (n - 1))
-        self._close(mean, error, self._replies / elapsed, now)
+        self._close(mean, error, self._replies / elapsed, self._load_sum / n,
+                    self._lag_sum / n, now)
 
     def overloaded(self, now: float) -> None:
         """A 429 or 503: the server said it is over its capacity."""
@@ -163,16 +199,17 @@ class ConcurrencyWindow:
             self.value = value
             self._settling = True
 
-    def _close(self, mean: float, error: float, throughput: float, now: float) -> None:
+    def _close(self, mean: float, error: float, throughput: float, load: float, lag: float,
+               now: float) -> None:
         first, blocked, settling = not self._base, self._blocked, self._settling
-        self._started, self._replies, self._samples = now, 0, 0
-        self._latency_sum = self._square_sum = 0.0
+        self._started, self._replies, self._samples, self._load_sum = now, 0, 0, 0
+        self._latency_sum = self._square_sum = self._lag_sum = 0.0
         self._blocked = self._settling = False
         self._epochs += 1
         if self._probe:
             self._probe -= 1
             if self._probe == 0:
-                self._probed(mean, throughput)
+                self._probed(mean, throughput, load, blocked)
             return
         if settling and not first:
             return
@@ -188,9 +225,21 @@ class ConcurrencyWindow:
             # or did the work itself get slower (longer replies)? A probe tells.
             self._start_probe()
             return
-        if mean - base > max(base * _TOLERANCE, _NOISE, 3.0 * error):
+        # Not a queue of ours: a rise within twice our own loop's lag (a client near a core's
+        # worth of work reads every reply late: bench/pipeline_bench.py at C=500 saw 90 ms
+        # over the base with a p99 lag of 260 ms, and cut windows below what it had to
+        # send), or one that means under one call waiting (`load x (1 - base / mean)`, as
+        # TCP Vegas reads a path's queue: a lull with one call in flight and a slow reply
+        # cut a window to 1).
+        if (mean - base > max(base * _TOLERANCE, _NOISE, 3.0 * error, 2.0 * lag)
+                and load * (1.0 - base / mean) >= 1.0):
             self._found_knee()
-            target = min(self.value, throughput * base * (1.0 + _MARGIN))
+            # By Little's law the server serves throughput x base calls at once; but an
+            # epoch that spans a lull in a pipeline's demand reads a low throughput (a
+            # reviewer endpoint cut from 500 to 6 that way), and the calls in flight times
+            # the share of their latency that was service says the same where demand held.
+            served = max(throughput * base, load * base / mean)
+            target = min(self.value, served * (1.0 + _MARGIN))
             if target < self.value * 0.9:
                 self._cut = (mean, throughput)
             self._set(target)
@@ -210,10 +259,17 @@ class ConcurrencyWindow:
         self._probe = 2
         self._set(min(self.value * _PROBE_DEPTH, self.limit - 1.0))
 
-    def _probed(self, mean: float, throughput: float) -> None:
+    def _probed(self, mean: float, throughput: float, load: float, blocked: bool) -> None:
         """The measuring epoch of a probe: the latency under a smaller window."""
         base, reference = self.base, self._reference
         self._base.append(mean)
+        if not blocked:
+            # The smaller window held nothing back: the pipeline sent less than it anyway, so
+            # its throughput says nothing about the knee (read as "still past it", it cut a
+            # window from 375 to the 113 calls a lull had in flight). Its latency is a base.
+            self._series = False
+            self._set(self._restore)
+            return
         if self.limit >= int(self._restore):
             # One call at a time, so no queue of ours: this latency is the base.
             self._series = False
@@ -231,6 +287,11 @@ class ConcurrencyWindow:
             return
         self._series = False
         latency = self._last[0] if self._last is not None else mean
+        if mean > latency * (1.0 + _TOLERANCE):
+            # Slower under a smaller window: capacity fell during the probe (a replica
+            # removed; read as "the work got slower", it set a base of 3x the real one).
+            self._set(min(self._restore, load * base / mean * (1.0 + _MARGIN)))
+            return
         if mean > base * (1.0 + _TOLERANCE) and mean >= latency * 0.95:
             # Less throughput and the same latency: the server was not queueing, the work
             # is slower than when the base was measured.

@@ -22,6 +22,7 @@ from aiolimiter import AsyncLimiter
 
 from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
+from gra_async.client._lag import loop_lag
 from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
 from gra_async.client._window import ConcurrencyWindow
 from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration, retry_reason
@@ -82,6 +83,7 @@ class Endpoint:
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         uncapped: int = defaults.RUN_CONCURRENCY,
+        lag: Clock = loop_lag,
     ) -> None:
         self.config = config
         # The most calls in flight here: the endpoint's own cap, else the run's concurrency.
@@ -90,6 +92,7 @@ class Endpoint:
         self._transport = transport
         self._clock = clock
         self._wall_clock = wall_clock
+        self._lag = lag  # how late our own event loop runs (`_lag.py`), for the window
         self._key = config.api_key()
         self._url = f"{config.base_url}/chat/completions"
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -188,6 +191,7 @@ class Endpoint:
         if request.seed is not None:
             body["seed"] = request.seed
         self._requests += 1
+        sent_with = self.in_flight
         started = self._clock()
         response = await self._transport.request(
             "POST",
@@ -203,7 +207,8 @@ class Endpoint:
         if response.status >= 300:
             raise self.error_for(response)
         reply = self._parse(response, latency, attempts)
-        self.window.replied(latency, now, self.in_flight - 1)
+        self.window.replied(latency, now, self.in_flight - 1, sent_with=sent_with,
+                            lag=self._lag())
         if self._tpm is not None:
             self._token_debt = reply.prompt_tokens + reply.completion_tokens - estimate
         self._tokens_in += reply.prompt_tokens
