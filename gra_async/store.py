@@ -7,7 +7,8 @@ most the rows of one commit window, and those are calls that resume simply sends
 
 Layout of `runs/<name>/`:
     config.json       the resolved config, as the run was started (no secrets)
-    journal.sqlite    calls, samples, dedup fingerprints, meta (+ -wal / -shm while open)
+    journal.sqlite    calls, samples, dedup fingerprints, embeddings, meta (+ -wal / -shm
+                      while open)
     seeds.sqlite      the seed pool (`seeds.SeedStore`), rebuilt from the seed files if lost
     .lock             held by the run writing here
 """
@@ -25,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "SampleRecord",
     "call_key",
     "config_hash",
+    "embedding_key",
 ]
 
 SCHEMA_VERSION = "1"
@@ -106,6 +108,16 @@ CREATE TABLE IF NOT EXISTS dedup_keys (
     buckets BLOB NOT NULL,   -- int64 per LSH band
     shingles BLOB            -- sorted uint64 shingle hashes; NULL under three words
 );
+-- Embedder replies, one row per text (semantic dedup): a resume reads them back instead
+-- of embedding a text again. `key` is `embedding_key(model, text)`.
+CREATE TABLE IF NOT EXISTS embeddings (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    vector BLOB NOT NULL,    -- float32, unit length
+    tokens INTEGER NOT NULL, -- the call's prompt tokens, shared out over its texts
+    created REAL NOT NULL
+);
 """
 
 
@@ -120,6 +132,11 @@ def call_key(
     material = {"role": role, "model": model, "messages": messages, "params": params,
                 "task": task_id, "slot": slot}
     return hashlib.sha256(_canonical(material)).hexdigest()
+
+
+def embedding_key(model: str, text: str) -> str:
+    """Content hash of one embedded text: the same text never goes to the same model twice."""
+    return hashlib.sha256(_canonical({"embed": model, "text": text})).hexdigest()
 
 
 def config_hash(snapshot: Mapping[str, Any]) -> str:
@@ -327,6 +344,18 @@ class JournalReader:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def embeddings(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The stored vectors of these embedding keys (float32 bytes), those there are."""
+        return _embeddings(self._conn, keys)
+
+    def embedding_totals(self) -> tuple[int, int]:
+        """(texts embedded, their tokens); (0, 0) for a journal from before the embedder."""
+        try:
+            row = self._conn.execute("SELECT count(*), sum(tokens) FROM embeddings").fetchone()
+        except sqlite3.OperationalError:
+            return 0, 0
+        return int(row[0] or 0), int(row[1] or 0)
+
     def time_span(self) -> tuple[float, float] | None:
         row = self._conn.execute("SELECT min(created), max(created) FROM calls").fetchone()
         return None if row is None or row[0] is None else (float(row[0]), float(row[1]))
@@ -358,6 +387,19 @@ class JournalReader:
         return sorted((starts[i], float(last)) for i, last in rows)
 
 
+def _embeddings(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for i in range(0, len(keys), 500):
+        part = list(keys[i:i + 500])
+        try:
+            found.update(conn.execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(part))})",
+                part))
+        except sqlite3.OperationalError:  # no such table: a journal of an older version
+            return found
+    return found
+
+
 _Op = tuple[str, tuple[Any, ...]]
 _Group = list[_Op]  # committed together or not at all
 _STOP = object()
@@ -383,6 +425,8 @@ class Journal:
         self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reset_at_open = 0  # samples a crash had left mid-way, put back to planned
+        self._readers = threading.local()  # read connections for `embeddings`, one a thread
+        self._reader_conns: list[sqlite3.Connection] = []
 
     # --- opening ---------------------------------------------------------------------
 
@@ -546,6 +590,22 @@ class Journal:
         else:
             self._put(write)
 
+    def record_embeddings(self, rows: Sequence[tuple[str, str, str, bytes, int]]) -> None:
+        """(key, model, endpoint, float32 vector bytes, tokens) of one embedder reply."""
+        now = time.time()
+        self._put([("INSERT OR IGNORE INTO embeddings VALUES (?,?,?,?,?,?)", (*row, now))
+                   for row in rows])
+
+    def embeddings(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Stored vectors of these keys, as committed; from any thread after `start` (each
+        thread reads on a connection of its own: the writer owns the journal's)."""
+        local = self._readers
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = _connect(self.run_dir / "journal.sqlite", readonly=True)
+            self._reader_conns.append(conn)
+        return _embeddings(conn, keys)
+
     def set_meta(self, key: str, value: str) -> None:
         self._put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
 
@@ -599,6 +659,9 @@ class Journal:
             self.reset_in_progress()
         if self._fingerprints is not None:
             self._fingerprints.close()
+        for reader in self._reader_conns:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                reader.close()
         self._conn.close()  # last, so SQLite checkpoints and removes the WAL file
         if self._lock is not None:
             self._lock.release()

@@ -105,6 +105,7 @@ class _Samples:
         self.failures: Counter[str] = Counter()
         self.domains: dict[str, Counter[str]] = defaultdict(Counter)
         self.copies: list[tuple[str, bytes]] = []  # (original task id, the copy's digest)
+        self.similarities: list[float] = []  # embedding cosines of the semantic duplicates
 
     def add(self, state: str, domain: str, body: dict[str, Any]) -> None:
         i = len(self.decisions)
@@ -137,7 +138,11 @@ class _Samples:
             self.rejections[self._rejection(decision, body)] += 1
         if decision == "duplicate":
             original = str(body.get("duplicate_of") or "")
-            if original.startswith("seed:"):
+            if body.get("similarity") is not None:  # the embedding stage found it
+                kind = "seed paraphrase" if original.startswith("seed:") else "paraphrase"
+                self.duplicates[kind] += 1
+                self.similarities.append(float(body["similarity"]))
+            elif original.startswith("seed:"):
                 self.duplicates["seed copy"] += 1
             else:
                 self.copies.append((original, _digest(instruction, response)))
