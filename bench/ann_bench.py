@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 from gra_async._concurrency import first_error
 from gra_async.accounting import batch_prices
-from gra_async.client import Endpoint, EndpointPool, EndpointStats, RetryPolicy, Transport, probe
+from gra_async.client import (
+    Endpoint,
+    EndpointPool,
+    EndpointStats,
+    RetryPolicy,
+    Transport,
+    probe,
+    probe_embeddings,
+)
 from gra_async.config import EMBEDDER, ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
 
@@ -143,6 +151,9 @@ async def build_team(
         async with asyncio.TaskGroup() as group:  # one endpoint refusing us cancels the others
             for member in cache.values():
                 group.create_task(probe(member, transport))
+        async with asyncio.TaskGroup() as group:
+            for member in embedders:
+                group.create_task(probe_embeddings(member))
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
 

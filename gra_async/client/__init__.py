@@ -17,7 +17,7 @@ from gra_async.client._types import (
 )
 from gra_async.client.endpoint import Endpoint
 from gra_async.client.pool import EndpointPool
-from gra_async.client.probe import probe
+from gra_async.client.probe import probe, probe_embeddings
 from gra_async.client.retry import RetryPolicy
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "Timeouts",
     "Transport",
     "probe",
+    "probe_embeddings",
 ]

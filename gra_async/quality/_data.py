@@ -64,6 +64,7 @@ class RunData:
     adjudications: dict[str, Counter[str]]  # model -> called / accepted / rejected / overturned
     rejections: Counter[str]
     duplicates: Counter[str]
+    similarities: list[float]  # embedding cosine of each semantic duplicate
     failures: Counter[str]
     domains: dict[str, Counter[str]]  # domain -> state counts
     seeds_per_domain: dict[str, int] | None  # None: no seeds.sqlite to read
@@ -260,7 +261,8 @@ def load_run(run_dir: Path) -> RunData:
         instruction_tokens=lengths[:, 0], response_tokens=lengths[:, 1],
         reviewers=tuple(samples.reviewer_index), scores=scores, review_means=review_means,
         adjudications=dict(samples.adjudications), rejections=samples.rejections,
-        duplicates=samples.duplicates, failures=samples.failures,
+        duplicates=samples.duplicates, similarities=samples.similarities,
+        failures=samples.failures,
         domains=dict(samples.domains), seeds_per_domain=_seeds_per_domain(run_dir),
         tokens=tokens, prices=prices, endpoint_calls=endpoint_calls,
         endpoint_session=endpoint_session,
