@@ -61,6 +61,7 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         semantic = sum(n for decision, similar, n in reader.body_counts(
             "rejected", "decision", "similarity") if decision == "duplicate" and similar is not None)
         embedded = reader.embedding_totals()
+        snapshot = orjson.loads(reader.meta("config") or "{}")
         sessions = reader.session_spans()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
@@ -91,6 +92,8 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         "semantic_duplicates": semantic,  # of `duplicates`, found by embedding cosine
         "embedded_texts": embedded[0],  # texts the embedder was sent (each once)
         "embedding_tokens": embedded[1],
+        # The run's config had an embedder (and planner.semantic on): paraphrases checked.
+        "semantic_dedup": bool((snapshot.get("endpoints") or {}).get("embedder")),
         "target": target,
         "reached_target": bool(target) and counts["accepted"] >= target,
         "by_model": [
@@ -120,10 +123,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
 
 
 def format_status(report: dict[str, Any]) -> str:
+    semantic = (f"{report['semantic_duplicates']} by embedding" if report["semantic_dedup"]
+                else "semantic dedup off")
     lines = [
         f"accepted {report['accepted']}/{report['target']}  rejected {report['rejected']} "
-        f"(duplicates {report['duplicates']}, {report['semantic_duplicates']} by embedding)  "
-        f"failed {report['failed']}  "
+        f"(duplicates {report['duplicates']}, {semantic})  failed {report['failed']}  "
         f"in progress {report['in_progress']}  planned {report['planned']}  calls {report['calls']}",
     ]
     if report["accepted_per_second"]:

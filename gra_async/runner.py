@@ -96,9 +96,6 @@ async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
     """The configured endpoints, or the embedded tiny model when none is configured (and
     the embedded embedding model with it, unless an embedder is configured)."""
     if config.has_endpoints:
-        if config.planner.semantic and not config.endpoints.get(EMBEDDER):
-            log.warning("semantic dedup is off: no embedder endpoint configured (MinHash "
-                        "copies only; add --endpoint embedder=MODEL@URL to catch paraphrases)")
         yield config
         return
     from gra_async.local import LocalModelServer, usable_cores
@@ -209,6 +206,11 @@ async def open_run(
         stack.callback(seeds.close)
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
+        if config.has_endpoints and config.planner.semantic and not config.endpoints.get(EMBEDDER):
+            # INFO, not a warning: a run that then fails must say its one line only
+            # (tests/test_bad_input.py); `status` says "semantic dedup off" too.
+            log.info("semantic dedup is off: no embedder endpoint configured (MinHash "
+                        "copies only; add --endpoint embedder=MODEL@URL to catch paraphrases)")
         ensure_open_files(config.run.concurrency)
         if config.run.max_cost is not None and not any(
                 p_in or p_out for p_in, p_out in team.prices.values()):

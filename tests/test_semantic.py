@@ -212,11 +212,12 @@ class TestPipeline:
         self, server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
     ) -> None:
         good_reviews(server)
-        with caplog.at_level(logging.WARNING, logger="gra_async"):
+        with caplog.at_level(logging.INFO, logger="gra_async"):
             synthesize(tmp_path / "run", endpoints(server), 2)
         said = [r.message for r in caplog.records if "semantic dedup is off" in r.message]
         assert len(said) == 1 and "--endpoint embedder=" in said[0]
         assert server.stats()["embedding_requests"] == 0
+        assert status_report(tmp_path / "run")["semantic_dedup"] is False
 
 
 class TestCli:
