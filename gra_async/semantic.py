@@ -126,9 +126,10 @@ class VectorIndex:
             raise ValueError(f"embedding of dimension {dim}, the index holds {matrix.shape[1]}: "
                              "one run must keep one embedding model")
         if matrix is None or len(matrix) < size:
-            # Doubling: amortised O(1) a vector; the old matrix stays valid for the builder.
-            grown = np.empty((max(size, 2 * (0 if matrix is None else len(matrix)), 1024), dim),
-                             dtype=np.float32)
+            # x1.5: amortised O(1) a vector with at most half a matrix spare (doubling left
+            # up to 2x); the old matrix stays valid for the builder.
+            spare = (0 if matrix is None else len(matrix)) * 3 // 2
+            grown = np.empty((max(size, spare, 1024), dim), dtype=np.float32)
             if matrix is not None:
                 grown[: len(self._keys)] = matrix[: len(self._keys)]
             self._matrix = matrix = grown
