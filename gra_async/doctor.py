@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TextIO
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TextIO
 
 import orjson
 
@@ -20,7 +21,10 @@ from gra_async.config import EMBEDDER, ENDPOINT_ROLES, EndpointConfig, RunConfig
 from gra_async.errors import ConfigError, GraError, RequestTimeout, RetriesExhausted
 from gra_async.scoring import response_format
 
-__all__ = ["check_endpoint", "doctor"]
+if TYPE_CHECKING:
+    from gra_async.local import LocalModelServer as LocalServer
+
+__all__ = ["check_embedder", "check_endpoint", "doctor"]
 
 _SCHEMA = {
     "type": "object",
@@ -114,30 +118,32 @@ async def _embedded(out: TextIO) -> int:
         _say(out, False, "embedded", str(exc))
         return 1
     _say(out, True, "embedded", f"llama.cpp server installed, model file {model_path}")
-    transport = AiohttpTransport()
-    try:
-        async with LocalModelServer(model_path, n_threads=1) as server:
-            ok, line = await check_endpoint(server.endpoint(), transport)
-    except GraError as exc:
-        ok, line = False, f"the embedded model server did not start: {exc}"
-    finally:
-        await transport.aclose()
-    _say(out, ok, "embedded", line)
-    return 0 if ok else 1
+    return await _check_local(out, LocalModelServer(model_path, n_threads=1), check_endpoint,
+                              "embedded", "the embedded model server")
 
 
 async def _embedded_embedder(out: TextIO) -> int:
     from gra_async.local_embed import LocalEmbeddingServer
 
+    return await _check_local(out, LocalEmbeddingServer(), check_embedder, "embedder",
+                              "the embedded embedding model")
+
+
+async def _check_local(
+    out: TextIO, server: LocalServer,
+    check: Callable[[EndpointConfig, AiohttpTransport], Awaitable[tuple[bool, str]]],
+    role: str, what: str,
+) -> int:
+    """Start one of the embedded default's servers, check it, stop it: one line."""
     transport = AiohttpTransport()
     try:
-        async with LocalEmbeddingServer() as server:
-            ok, line = await check_embedder(server.endpoint(), transport)
+        async with server:
+            ok, line = await check(server.endpoint(), transport)
     except GraError as exc:
-        ok, line = False, f"the embedded embedding model did not start: {exc}"
+        ok, line = False, f"{what} did not start: {exc}"
     finally:
         await transport.aclose()
-    _say(out, ok, "embedder", line)
+    _say(out, ok, role, line)
     return 0 if ok else 1
 
 

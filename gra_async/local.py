@@ -92,7 +92,7 @@ _SERVER_MODULES: Final = (
 # The server also reads every setting from an environment variable of the same name (pydantic
 # settings, plus HOST, PORT and CONFIG_FILE, which beat the flags): measured, an API_KEY in the
 # user's shell made it answer 401, and a PORT moved it off the port we watch. Those go.
-_BOOTSTRAP: Final = """\
+PARENT_GUARD: Final = """\
 import os, runpy, signal, sys
 parent = int(sys.argv.pop(1))
 if sys.platform.startswith("linux"):
@@ -103,6 +103,8 @@ if sys.platform.startswith("linux"):
         pass
 if os.getppid() != parent:
     sys.exit(0)
+"""
+_BOOTSTRAP: Final = PARENT_GUARD + """\
 from llama_cpp.server.settings import Settings
 names = {name.lower() for name in Settings.model_fields} | {"host", "port", "config_file"}
 for key in [key for key in os.environ if key.lower() in names]:

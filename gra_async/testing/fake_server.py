@@ -1287,16 +1287,22 @@ class FakeOpenAIServer:
             data["bodies"] = list(s.bodies)
         return orjson.dumps(data)
 
-    def _chat(self, auth: bytes | None, body: bytes) -> _Reply:
-        stats, knobs = self.stats, self.knobs
-        stats.requests += 1
+    def _v1_request(self, auth: bytes | None, body: bytes) -> tuple[Any, _Reply | None]:
+        """A /v1 POST's JSON body, or the reply that refuses it (down, auth, not JSON)."""
+        self.stats.requests += 1
         reply = self._down_reply() or self._unauthorized(auth)
         if reply is not None:
-            return reply
+            return None, reply
         try:
-            request = orjson.loads(body)
+            return orjson.loads(body), None
         except orjson.JSONDecodeError as exc:
-            return self._v1(400, _error_body(400, f"request body is not valid JSON: {exc}"))
+            return None, self._v1(400, _error_body(400, f"request body is not valid JSON: {exc}"))
+
+    def _chat(self, auth: bytes | None, body: bytes) -> _Reply:
+        stats, knobs = self.stats, self.knobs
+        request, refused = self._v1_request(auth, body)
+        if refused is not None:
+            return refused
         problem = _request_problem(request)
         if problem:
             return self._v1(400, _error_body(400, problem))
@@ -1342,14 +1348,9 @@ class FakeOpenAIServer:
 
     def _embeddings(self, auth: bytes | None, body: bytes) -> _Reply:
         stats = self.stats
-        stats.requests += 1
-        reply = self._down_reply() or self._unauthorized(auth)
-        if reply is not None:
-            return reply
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return self._v1(400, _error_body(400, f"request body is not valid JSON: {exc}"))
+        request, refused = self._v1_request(auth, body)
+        if refused is not None:
+            return refused
         texts = request.get("input") if isinstance(request, dict) else None
         texts = [texts] if isinstance(texts, str) else texts
         model = request.get("model") if isinstance(request, dict) else None
