@@ -7,12 +7,16 @@ a dimension per sample (1,536 B at e5-small's 384). Past it, when usearch is ins
 go to it, each hit's cosine recomputed exactly from the matrix; without usearch the
 search stays exact and says once that it slows down.
 
-Why usearch and why 20,000 (bench/ann_bench.py, dim 384, one thread, README: Semantic
-dedup): the exact search took 0.85 ms a query at 10k vectors and 24 ms at 100k, and the
-dedup asks twice per sample on the event loop; usearch answered in ~0.3 ms with the
-planted duplicates all found (recall 1.000 at 10k and 100k), in a 2.3 MB wheel released
-this year. faiss-cpu queried faster but is an 18 MB wheel and missed 2% at its
-defaults; hnswlib has shipped no release (nor wheels) since 2023.
+Why usearch and why 20,000 (bench/ann_bench.py, dim 384, one thread, 2 shared cores,
+README: Semantic dedup): an exact lookup took 0.85 ms at 10k vectors, 4.9 ms at 20k,
+20 ms at 50k, 24 ms at 100k and 254 ms at 1M, and the dedup looks up twice per sample on
+the event loop: past ~20k it would hold the loop for most of a call's turn. usearch's
+HNSW answered in 0.25 ms at 10k and 1.6 ms at 100k and found every planted duplicate
+(recall 1.000 at both), from a 2.3 MB wheel released this year; its build (163 s for
+100k on one thread) runs in a thread while searches stay exact. faiss-cpu queried
+faster (0.095 ms at 100k) but, at its HNSW defaults, found only 82.5% of the duplicates
+at 100k, from an 18 MB wheel; hnswlib (recall 1.000, 0.28 ms) has shipped no release,
+nor wheels, since 2023.
 
 `EmbeddingIndex` is the `dedup.Similarity` a `Deduplicator` consults: the pipeline embeds
 a sample's text ahead (async, journaled), `prepare`s the vector under the sample's key,
