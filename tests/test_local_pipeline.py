@@ -13,9 +13,9 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 from gra_async.cli import main
-from gra_async.report import status_report
 from gra_async.defaults import CRITERIA
 from gra_async.local import LocalModelServer
+from gra_async.report import status_report
 from gra_async.scoring import parse_generation, parse_review, parse_verdict
 
 from .conftest import FakeServer
