@@ -217,9 +217,12 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 def _spend_rows(conn: sqlite3.Connection) -> list[tuple[str, bool, int, int]]:
     """(model, from a batch?, prompt tokens, completion tokens) over every journaled call."""
-    rows = conn.execute(
+    rows = list(conn.execute(
         "SELECT model, endpoint LIKE '%' || ?, sum(prompt_tokens), sum(completion_tokens) "
-        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,))
+        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,)))
+    with contextlib.suppress(sqlite3.OperationalError):  # no embeddings table: an older journal
+        # The embedder's tokens, at its model's price_in (online: embeddings never batch).
+        rows += conn.execute("SELECT model, 0, sum(tokens), 0 FROM embeddings GROUP BY model")
     return [(str(m), bool(b), int(t_in or 0), int(t_out or 0)) for m, b, t_in, t_out in rows]
 
 

@@ -208,6 +208,15 @@ class TestPipeline:
         assert summary.accepted == 4
         assert stats["script_left"] == 0 and stats["embedded_texts"] > 0
 
+    def test_the_embedders_tokens_are_priced(self, server: FakeServer, tmp_path: Path) -> None:
+        good_reviews(server)
+        team = endpoints(server, server)
+        team["embedder"][0]["price_in"] = 1000.0  # dollars per million tokens; the rest free
+        synthesize(tmp_path / "run", team, 2)
+        report = status_report(tmp_path / "run")
+        assert report["embedding_tokens"] > 0
+        assert report["cost"] == pytest.approx(report["embedding_tokens"] * 1000.0 / 1e6)
+
     def test_configured_endpoints_without_an_embedder_say_so_once(
         self, server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
     ) -> None:
