@@ -343,3 +343,48 @@ def test_the_local_model_catches_paraphrases_minhash_misses() -> None:
         semantic += dedup.check("b", second) is not None
     assert minhash == 0
     assert semantic >= 18  # measured 20 of 20 (bench/paraphrase_bench.py)
+
+
+def test_kill_9_keeps_every_accepted_samples_vector(server: FakeServer, tmp_path: Path) -> None:
+    """The embedding of an accepted sample is committed before its accepted state: after any
+    kill -9, every accepted sample has its vector, and a resume sends each text again only
+    if a kill cut its call off in flight."""
+    import random
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from gra_async.store import embedding_key as stored_key
+
+    good_reviews(server)
+    server.control(latency=0.1, jitter=0.03)
+    url = server.base_url
+    args = [sys.executable, "-m", "gra_async", "run", "--run-dir", str(tmp_path), "--target",
+            "30", "--concurrency", "8", "--no-metadata", "--endpoint", f"generator={GEN}@{url}",
+            "--endpoint", f"reviewer={REV}@{url}", "--endpoint", f"embedder={EMB}@{url}"]
+    rng = random.Random(14)
+    kills = 0
+    for _ in range(40):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 2.5))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        break
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 1, "the run finished before it could be killed: make it slower"
+    with sqlite3.connect(tmp_path / "journal.sqlite") as conn:
+        stored = {k for (k,) in conn.execute("SELECT key FROM embeddings")}
+    accepted = [s for s in gra_async.read_samples(tmp_path)]
+    assert len(accepted) == 30
+    assert all(stored_key(EMB, f"{s.instruction}\n{s.response}") in stored for s in accepted)
+    sent = server.stats()["embeddings"]
+    probe = embedding_key(EMB, PROBE_TEXT)
+    assert sent[probe] <= kills + 1  # one probe per start that got that far
+    assert max(n for k, n in sent.items() if k != probe) <= kills + 1
