@@ -229,6 +229,46 @@ class TestPipeline:
         assert status_report(tmp_path / "run")["semantic_dedup"] is False
 
 
+class TestRegateAndMerge:
+    def test_regate_catches_a_paraphrase_it_newly_accepts(
+        self, server: FakeServer, tmp_path: Path,
+    ) -> None:
+        low = json.dumps({"scores": dict.fromkeys(CRITERIA, 3), "feedback": "weak and vague"})
+        good_reviews(server, {"model": GEN, "content": sample(TEXT, ANSWER), "times": 1},
+                     {"model": GEN, "content": sample(PARAPHRASE, PARAPHRASE_ANSWER), "times": 1})
+        # The original is reviewed low (rejected), its paraphrase high (accepted): no
+        # duplicate in the run, since a rejected sample is not in the index.
+        server.control(rules=[{"contains": "binary search finds an item", "content": low},
+                              *server.control()["knobs"]["rules"]])
+        synthesize(tmp_path / "src", endpoints(server, server), 1, run={"concurrency": 1})
+        before = rows(tmp_path / "src")
+        assert before["r1-0000000"]["decision"] == "reject"
+        assert before["r1-0000001"]["decision"] == "accept"
+        calls = server.stats()["requests"]
+        gra_async.regate(tmp_path / "src", tmp_path / "dst", accept_mean=2.0)
+        after = rows(tmp_path / "dst")["r1-0000000"]
+        assert after["decision"] == "duplicate" and after["duplicate_of"] == "r1-0000001"
+        assert after["similarity"] >= 0.9
+        assert server.stats()["requests"] == calls  # from the journaled vectors: no call
+
+    def test_merge_catches_a_paraphrase_across_shards(
+        self, server: FakeServer, tmp_path: Path,
+    ) -> None:
+        for shard, text in (("0/2", sample(TEXT, ANSWER)),
+                            ("1/2", sample(PARAPHRASE, PARAPHRASE_ANSWER))):
+            server.restore()
+            good_reviews(server, {"model": GEN, "content": text, "times": 1})
+            synthesize(tmp_path / shard.replace("/", "-"), endpoints(server, server), 1,
+                       run={"concurrency": 1, "shard": shard})
+        code = main(["merge", "--run-dir", str(tmp_path / "0-2"), "--run-dir",
+                     str(tmp_path / "1-2"), "--out", str(tmp_path / "all")])
+        assert code == 0
+        merged = rows(tmp_path / "all")
+        copies = [r for r in merged.values() if r["decision"] == "duplicate"]
+        assert len(copies) == 1 and copies[0]["similarity"] >= 0.9
+        assert merged[copies[0]["duplicate_of"]]["decision"] == "accept"
+
+
 class TestCli:
     def test_endpoint_flag_and_config_file(
         self, server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],

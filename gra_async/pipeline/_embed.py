@@ -19,19 +19,22 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from gra_async import defaults
 from gra_async.client import EmbedRequest, EndpointPool
-from gra_async.dedup import Duplicate
+from gra_async.config import EMBEDDER
+from gra_async.dedup import Deduplicator, Duplicate
 from gra_async.pipeline._progress import Progress
 from gra_async.semantic import EmbeddingIndex
 from gra_async.store import Journal, embedding_key
 
-__all__ = ["Embedder", "SemanticCheck"]
+__all__ = ["Embedder", "SemanticCheck", "journaled_dedup"]
 
 Vector = npt.NDArray[np.float32]
 _MEMORY = 8192  # vectors kept in memory beyond the index: seeds, texts of tasks in flight
@@ -208,3 +211,33 @@ class SemanticCheck:
             part = pairs[i:i + 512]
             vectors = await self.embedder.embed([text for _, text in part])
             self.index.vectors.add_many([key for key, _ in part], vectors)
+
+
+def journaled_dedup(
+    snapshot: Mapping[str, Any], lookup: Callable[[Sequence[str]], Mapping[str, bytes]],
+) -> tuple[Deduplicator, Callable[[str, str], None]]:
+    """A run's dedup as its recorded config made it, for `regate` and `merge`: MinHash, and
+    with an embedder, the semantic stage fed from the vectors journaled (no embedder call).
+
+    Returns the `Deduplicator` and `prepare(key, text)`, to call before each `add` or
+    `find_and_add`; a text with no journaled vector is checked by MinHash only.
+    """
+    planner = snapshot.get("planner") or {}
+    dedup = Deduplicator(float(planner.get("near_dup_threshold") or defaults.NEAR_DUP_THRESHOLD))
+    embedders = (snapshot.get("endpoints") or {}).get(EMBEDDER) or []
+    if not embedders:
+        return dedup, lambda key, text: None
+    model = str(embedders[0]).rsplit(":", 1)[0]  # the snapshot's "model:json_mode"
+    prefix = str(planner.get("embed_prefix") or "")
+    index = EmbeddingIndex()
+    dedup.semantic = index
+    dedup.semantic_threshold = float(planner.get("semantic_threshold")
+                                     or defaults.SEMANTIC_THRESHOLD)
+
+    def prepare(key: str, text: str) -> None:
+        name = embedding_key(model, prefix + text)
+        found = lookup([name]).get(name)
+        if found is not None:
+            index.prepare(key, text, np.frombuffer(found, dtype=np.float32))
+
+    return dedup, prepare
