@@ -26,8 +26,8 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
-async def thread_until_done(work: Callable[[threading.Event], None]) -> None:
-    """Run `work(stop)` in a worker thread and wait for it.
+async def thread_until_done(work: Callable[[threading.Event], T]) -> T:
+    """Run `work(stop)` in a worker thread and wait for it; what it returns.
 
     A thread cannot be cancelled: on cancellation `stop` is set and the thread is still
     waited for, so what it reads (the journal) is never closed under it.
@@ -35,7 +35,7 @@ async def thread_until_done(work: Callable[[threading.Event], None]) -> None:
     stop = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(None, work, stop)
     try:
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
     except asyncio.CancelledError:
         stop.set()
         while not future.done():

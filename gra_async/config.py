@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,8 @@ from gra_async import defaults
 from gra_async.errors import ConfigError
 
 __all__ = [
+    "EMBEDDER",
+    "ENDPOINT_ROLES",
     "ROLES",
     "BatchConfig",
     "EndpointConfig",
@@ -35,8 +37,12 @@ __all__ = [
     "parse_endpoint_flag",
 ]
 
-Role = Literal["generator", "reviewer", "adjudicator"]
+Role = Literal["generator", "reviewer", "adjudicator", "embedder"]
+# The chat roles, which `--roles rotate` draws from; the embedder (`/v1/embeddings`, the
+# semantic dedup) is configured the same way but never writes or reviews.
 ROLES: tuple[Role, ...] = ("generator", "reviewer", "adjudicator")
+EMBEDDER: Final = "embedder"
+ENDPOINT_ROLES: tuple[Role, ...] = (*ROLES, EMBEDDER)
 JsonMode = Literal["json_schema", "json_object", "none"]
 ENV_PREFIX = "GRA_"
 
@@ -166,6 +172,14 @@ class PlannerConfig(_Strict):
     domain_field: str | None = None  # None: "domain" / "category" when present, else clustered
     domains: int = Field(defaults.DOMAINS, ge=1)  # clusters when domains are derived
     near_dup_threshold: float = Field(defaults.NEAR_DUP_THRESHOLD, gt=0, le=1)
+    # Embedding cosine at or above which a sample duplicates an accepted one or one of its
+    # few-shot seeds (the GRA paper's 0.9); checked when an embedder is configured.
+    semantic_threshold: float = Field(defaults.SEMANTIC_THRESHOLD, gt=0, le=1)
+    semantic: bool = True  # False: no embedding even with an embedder (MinHash only)
+    # Put before every text sent to the embedder: e5 models want "query: " for symmetric
+    # similarity. Empty for the embedded default, whose server adds it itself.
+    embed_prefix: str = ""
+    embed_batch: int = Field(defaults.EMBED_BATCH, ge=1, le=2048)  # texts per /v1/embeddings call
 
 
 class RunSettings(_Strict):
@@ -245,13 +259,19 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _roles_complete(self) -> RunConfig:
-        if self.endpoints and not self.endpoints.get("generator") and self.run.roles == "fixed":
+        if self.has_endpoints and not self.endpoints.get("generator") and self.run.roles == "fixed":
             raise ValueError("endpoints: no generator endpoint (add [[endpoints.generator]])")
         return self
 
     @property
     def has_endpoints(self) -> bool:
-        return any(self.endpoints.values())
+        """Chat endpoints configured (an embedder alone still runs the embedded default)."""
+        return any(self.endpoints.get(role) for role in ROLES)
+
+    @property
+    def semantic_dedup(self) -> bool:
+        """Embedding dedup runs: an embedder is configured and `planner.semantic` is on."""
+        return self.planner.semantic and bool(self.endpoints.get(EMBEDDER))
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -344,9 +364,10 @@ def parse_endpoint_flag(text: str) -> tuple[Role, dict[str, Any]]:
     role = role.strip()
     if not sep or not rest:
         raise ConfigError(f"--endpoint {text!r}: expected ROLE=[MODEL@]URL")
-    if role not in ROLES:
+    if role not in ENDPOINT_ROLES:
         raise ConfigError(
-            f"--endpoint {text!r}: unknown role {role!r} (use generator, reviewer or adjudicator)"
+            f"--endpoint {text!r}: unknown role {role!r} "
+            "(use generator, reviewer, adjudicator or embedder)"
         )
     model: str | None = None
     url = rest

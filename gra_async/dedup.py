@@ -4,7 +4,7 @@ Two stages, cheapest first: an exact match of the normalised text (a hash), then
 MinHash LSH over word 3-shingles to find candidates, each verified by its Jaccard
 similarity. Texts shorter than three words have no shingle and are matched exactly
 only. A semantic stage (embedding cosine, as the GRA paper does) plugs in through the
-`Similarity` protocol; none is built here.
+`Similarity` protocol, after both: `semantic.EmbeddingIndex` is the one the pipeline uses.
 
 About datasketch's `MinHashLSH(threshold=t)`: t is not a cut-off. It picks the band
 layout (b bands of r rows) that balances false positives against false negatives
@@ -43,6 +43,7 @@ from gra_async import defaults
 
 __all__ = [
     "Deduplicator",
+    "Duplicate",
     "Fingerprint",
     "FingerprintStore",
     "LshIndex",
@@ -103,6 +104,14 @@ def layout(
     return f"minhash-{num_perm}-{dtype}-{seed}-{bands}x{rows}"
 
 
+class Duplicate(NamedTuple):
+    """What a text duplicates: the stored key, and the embedding cosine when the semantic
+    stage found it (None: an exact or MinHash copy)."""
+
+    key: str
+    similarity: float | None = None
+
+
 class Fingerprint(NamedTuple):
     """What the index keeps of a text."""
 
@@ -146,7 +155,8 @@ def _reference_grams(text: str) -> tuple[str, frozenset[bytes]]:
 
 @runtime_checkable
 class Similarity(Protocol):
-    """A semantic near-duplicate index, e.g. embeddings compared by cosine.
+    """A semantic near-duplicate index, e.g. embeddings compared by cosine
+    (`semantic.EmbeddingIndex`).
 
     Synchronous on purpose: an implementation computes embeddings ahead (async,
     in the pipeline) and looks them up here by key or text.
@@ -319,7 +329,7 @@ class Deduplicator:
         *,
         store: FingerprintStore | None = None,
         semantic: Similarity | None = None,
-        semantic_threshold: float = defaults.NEAR_DUP_THRESHOLD,
+        semantic_threshold: float = defaults.SEMANTIC_THRESHOLD,
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
@@ -365,10 +375,10 @@ class Deduplicator:
             return recent[1]
         return self._prepare(text)
 
-    def _find(self, key: str, text: str, fingerprint: Fingerprint) -> str | None:
+    def _find(self, key: str, text: str, fingerprint: Fingerprint) -> Duplicate | None:
         exact = self.index.exact(fingerprint.digest)
         if exact is not None and exact != key:
-            return exact
+            return Duplicate(exact)
         if fingerprint.shingles is not None:
             best: tuple[float, str] | None = None
             for candidate in sorted(self.index.candidates(fingerprint.buckets)):
@@ -378,11 +388,11 @@ class Deduplicator:
                 if similarity >= self.threshold and (best is None or similarity > best[0]):
                     best = (similarity, candidate)
             if best is not None:
-                return best[1]
+                return Duplicate(best[1])
         if self.semantic is not None:
             hit = self.semantic.nearest(key, text)
             if hit is not None and hit[0] != key and hit[1] >= self.semantic_threshold:
-                return hit[0]
+                return Duplicate(hit[0], round(float(hit[1]), 4))
         return None
 
     def _add(self, key: str, text: str, fingerprint: Fingerprint) -> None:
@@ -400,6 +410,11 @@ class Deduplicator:
         A text is never reported as a duplicate of its own key, so re-checking a
         stored sample on resume is harmless.
         """
+        found = self.find(key, text)
+        return None if found is None else found.key
+
+    def find(self, key: str, text: str) -> Duplicate | None:
+        """`check`, with the similarity of a semantic match."""
         fingerprint = self._prepare(text)
         self._recent[key] = (text, fingerprint)
         if len(self._recent) > _RECENT:
@@ -413,6 +428,11 @@ class Deduplicator:
 
     def check_and_add(self, key: str, text: str) -> str | None:
         """`check`, then `add` when the text is new, hashing the text once."""
+        found = self.find_and_add(key, text)
+        return None if found is None else found.key
+
+    def find_and_add(self, key: str, text: str) -> Duplicate | None:
+        """`check_and_add`, with the similarity of a semantic match."""
         fingerprint = self._fingerprint(key, text)
         duplicate = self._find(key, text, fingerprint)
         if duplicate is None and key not in self.index:

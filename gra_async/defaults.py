@@ -18,6 +18,8 @@ ACCEPT_MEAN = 7.0  # panel mean at or above this, with agreement -> accept
 DISAGREEMENT_STD = 1.5  # panel std above this -> adjudicator (the paper's case had std ~2.5)
 NEAR_DUP_THRESHOLD = 0.9  # Jaccard (MinHash) or cosine similarity counted as a duplicate
 MINHASH_PERMUTATIONS = 128
+SEMANTIC_THRESHOLD = 0.9  # embedding cosine counted as a duplicate (the GRA paper's)
+EMBED_BATCH = 32  # texts per /v1/embeddings call at most
 
 # Client (README: Configuration, retries).
 CONNECT_TIMEOUT = 10.0  # seconds

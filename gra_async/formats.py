@@ -121,7 +121,7 @@ def sample_schema(criteria: Sequence[str]) -> pa.Schema:
                                     ("reason", string)])),
         ("tokens", integer), ("round", integer),
         ("failed_reviews", pa.list_(pa.struct([("model", string), ("error", string)]))),
-        ("duplicate_of", string), ("reason", string),
+        ("duplicate_of", string), ("similarity", number), ("reason", string),
         ("keywords", pa.list_(string)), ("summary", string),
         ("source_id", string), ("origin", string), ("rewrites", integer),
     ])

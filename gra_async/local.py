@@ -92,7 +92,7 @@ _SERVER_MODULES: Final = (
 # The server also reads every setting from an environment variable of the same name (pydantic
 # settings, plus HOST, PORT and CONFIG_FILE, which beat the flags): measured, an API_KEY in the
 # user's shell made it answer 401, and a PORT moved it off the port we watch. Those go.
-_BOOTSTRAP: Final = """\
+PARENT_GUARD: Final = """\
 import os, runpy, signal, sys
 parent = int(sys.argv.pop(1))
 if sys.platform.startswith("linux"):
@@ -103,6 +103,8 @@ if sys.platform.startswith("linux"):
         pass
 if os.getppid() != parent:
     sys.exit(0)
+"""
+_BOOTSTRAP: Final = PARENT_GUARD + """\
 from llama_cpp.server.settings import Settings
 names = {name.lower() for name in Settings.model_fields} | {"host", "port", "config_file"}
 for key in [key for key in os.environ if key.lower() in names]:
@@ -173,6 +175,8 @@ class LocalModelServer:
     Linux sends the server SIGTERM when the *thread* that started it ends (PR_SET_PDEATHSIG
     follows the forking thread), so start it from the thread that runs the event loop.
     """
+
+    listening: re.Pattern[str] = _LISTENING  # the log line that names the port it bound
 
     def __init__(
         self,
@@ -275,22 +279,25 @@ class LocalModelServer:
         """Start the server and wait until it lists its model; raise if it cannot."""
         if self._process is not None:
             raise RuntimeError("LocalModelServer is already running")
-        if self.model_path is None:
-            model_path = find_model_file()
-        elif not self.model_path.is_file():
-            raise ConfigError(
-                f"local model file {self.model_path} does not exist "
-                "(pass an existing .gguf, or none for the default: " + INSTALL_HINT + ")"
-            )
-        else:
-            model_path = self.model_path
-            _require_server()
+        model_path = self._model_file()
         try:
             await self._spawn(self._requested_port or 0, model_path)
             await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
+
+    def _model_file(self) -> Path:
+        """The model to serve, checked before anything starts (ConfigError if missing)."""
+        if self.model_path is None:
+            return find_model_file()
+        if not self.model_path.is_file():
+            raise ConfigError(
+                f"local model file {self.model_path} does not exist "
+                "(pass an existing .gguf, or none for the default: " + INSTALL_HINT + ")"
+            )
+        _require_server()
+        return self.model_path
 
     async def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after `stop_timeout`. Safe to repeat.
@@ -394,7 +401,7 @@ class LocalModelServer:
                 text = handle.read().decode("utf-8", errors="replace")
         except OSError:
             return None
-        found = _LISTENING.search(text)
+        found = self.listening.search(text)
         return int(found.group(1)) if found else None
 
     def _log_tail(self) -> str:

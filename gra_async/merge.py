@@ -27,10 +27,17 @@ from typing import Any
 
 import orjson
 
-from gra_async.dedup import Deduplicator
 from gra_async.errors import RunDirError
+from gra_async.pipeline._embed import journaled_dedup
 from gra_async.pipeline._steps import dedup_text
-from gra_async.store import _SCHEMA, _connect, _create_journal, _diff_keys, config_hash
+from gra_async.store import (
+    _SCHEMA,
+    _connect,
+    _create_journal,
+    _diff_keys,
+    _embeddings,
+    config_hash,
+)
 
 __all__ = ["MergeSummary", "merge_runs"]
 
@@ -138,6 +145,9 @@ def _build(work: Path, sources: Sequence[Path], configs: Sequence[dict[str, Any]
                 # A call key hashes the task id and the request: the same key in two sources
                 # is the same call, and the first source's reply stands, as a resume reuses it.
                 conn.execute("INSERT OR IGNORE INTO calls SELECT * FROM src.calls")
+                if conn.execute("SELECT 1 FROM src.sqlite_master WHERE type = 'table' AND "
+                                "name = 'embeddings'").fetchone():  # none in older journals
+                    conn.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM src.embeddings")
                 before = conn.total_changes
                 conn.execute("INSERT OR IGNORE INTO samples SELECT * FROM src.samples")
                 added = conn.total_changes - before
@@ -166,9 +176,9 @@ def _build(work: Path, sources: Sequence[Path], configs: Sequence[dict[str, Any]
 
 
 def _dedup_across(conn: sqlite3.Connection, config: dict[str, Any]) -> int:
-    """Accepted samples in merge order through one Deduplicator; later duplicates rejected."""
-    threshold = float(config.get("planner", {}).get("near_dup_threshold") or 0.9)
-    dedup = Deduplicator(threshold)
+    """Accepted samples in merge order through one run's dedup (MinHash, and paraphrases by
+    the journaled vectors when the run had an embedder); later duplicates rejected."""
+    dedup, prepare = journaled_dedup(config, lambda keys: _embeddings(conn, keys))
     rows = conn.execute(
         "SELECT s.task_id, s.body FROM samples s JOIN origins o USING (task_id) "
         "WHERE s.state = 'accepted' ORDER BY o.rowid").fetchall()
@@ -176,11 +186,14 @@ def _dedup_across(conn: sqlite3.Connection, config: dict[str, Any]) -> int:
     conn.execute("BEGIN")
     for task_id, body_text in rows:
         body = orjson.loads(body_text)
-        twin = dedup.check_and_add(task_id, dedup_text(body.get("instruction", ""),
-                                                       body.get("response", "")))
+        text = dedup_text(body.get("instruction", ""), body.get("response", ""))
+        prepare(task_id, text)
+        twin = dedup.find_and_add(task_id, text)
         if twin is None:
             continue
-        body["decision"], body["duplicate_of"] = "duplicate", twin
+        body["decision"], body["duplicate_of"] = "duplicate", twin.key
+        if twin.similarity is not None:
+            body["similarity"] = twin.similarity
         conn.execute("UPDATE samples SET state = 'rejected', body = ?, updated = ? WHERE task_id = ?",
                      (orjson.dumps(body).decode(), time.time(), task_id))
         duplicates += 1

@@ -32,11 +32,11 @@ import orjson
 from gra_async._concurrency import block_on, first_error
 from gra_async.client import AiohttpTransport, Endpoint, EndpointPool, Transport, probe
 from gra_async.config import EndpointConfig, GateConfig, RunConfig
-from gra_async.dedup import Deduplicator
 from gra_async.errors import ConfigError, RunDirError, TaskFailed
 from gra_async.pipeline import Progress
 from gra_async.pipeline._budget import Budget
 from gra_async.pipeline._calls import Caller
+from gra_async.pipeline._embed import journaled_dedup
 from gra_async.pipeline._steps import dedup_text
 from gra_async.planner import Task
 from gra_async.prompts import PromptSet, ReviewView
@@ -324,33 +324,39 @@ async def _adjudicate(
 
 
 def _dedup_again(run_dir: Path, snapshot: Mapping[str, Any], touched: set[str]) -> int:
-    """Newly accepted samples against the accepted set, in plan order; how many were copies."""
-    threshold = float(snapshot.get("planner", {}).get("near_dup_threshold", 0.9))
-    dedup = Deduplicator(threshold)
+    """Newly accepted samples against the accepted set, in plan order; how many were copies
+    (MinHash, and paraphrases by the vectors the source journaled, if it had an embedder)."""
     reader = JournalReader(run_dir)
+    dedup, prepare = journaled_dedup(snapshot, reader.embeddings)
     later: list[SampleRecord] = []
+    copies: list[tuple[str, float | None, str]] = []
     try:
         for record in reader.samples(("accepted",)):
+            text = dedup_text(str(record.body["instruction"]), str(record.body["response"]))
+            prepare(record.task_id, text)
             if record.task_id in touched:
                 later.append(record)
             else:
-                dedup.add(record.task_id, dedup_text(str(record.body["instruction"]),
-                                                     str(record.body["response"])))
+                dedup.add(record.task_id, text)
+        for record in later:
+            text = dedup_text(str(record.body["instruction"]), str(record.body["response"]))
+            duplicate = dedup.find_and_add(record.task_id, text)
+            if duplicate is not None:
+                copies.append((duplicate.key, duplicate.similarity, record.task_id))
     finally:
         reader.close()
-    copies: list[tuple[str, str]] = []
-    for record in later:
-        text = dedup_text(str(record.body["instruction"]), str(record.body["response"]))
-        duplicate = dedup.check_and_add(record.task_id, text)
-        if duplicate is not None:
-            copies.append((duplicate, record.task_id))
     if copies:
         conn = sqlite3.connect(run_dir / "journal.sqlite")
         try:
             with conn:
                 conn.executemany(
                     "UPDATE samples SET state = 'rejected', body = json_set(body, "
-                    "'$.decision', 'duplicate', '$.duplicate_of', ?) WHERE task_id = ?", copies)
+                    "'$.decision', 'duplicate', '$.duplicate_of', ?) WHERE task_id = ?",
+                    [(key, task_id) for key, _, task_id in copies])
+                conn.executemany(
+                    "UPDATE samples SET body = json_set(body, '$.similarity', ?) "
+                    "WHERE task_id = ?",
+                    [(similar, task_id) for _, similar, task_id in copies if similar is not None])
         finally:
             conn.close()
     return len(copies)

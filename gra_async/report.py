@@ -57,6 +57,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         for kind, reason, n in reader.body_counts("failed", "failure", "reason"):
             failures[str(kind or failure_kind(str(reason or "?")))] += n
         decisions = {str(decision): n for decision, n in reader.body_counts("rejected", "decision")}
+        # A duplicate with a similarity is one the embedding stage found (a paraphrase).
+        semantic = sum(n for decision, similar, n in reader.body_counts(
+            "rejected", "decision", "similarity") if decision == "duplicate" and similar is not None)
+        embedded = reader.embedding_totals()
+        snapshot = orjson.loads(reader.meta("config") or "{}")
         sessions = reader.session_spans()
         prices = {m: (float(a), float(b))
                   for m, (a, b) in orjson.loads(reader.meta("prices") or "{}").items()}
@@ -86,6 +91,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         "in_progress": in_progress,
         "calls": sum(row[2] for row in totals),
         "duplicates": decisions.get("duplicate", 0),
+        "semantic_duplicates": semantic,  # of `duplicates`, found by embedding cosine
+        "embedded_texts": embedded[0],  # texts the embedder was sent (each once)
+        "embedding_tokens": embedded[1],
+        # The run's config had an embedder (and planner.semantic on): paraphrases checked.
+        "semantic_dedup": bool((snapshot.get("endpoints") or {}).get("embedder")),
         "target": target,
         "reached_target": bool(target) and counts["accepted"] >= target,
         "by_model": [
@@ -119,9 +129,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
 
 
 def format_status(report: dict[str, Any]) -> str:
+    semantic = (f"{report['semantic_duplicates']} by embedding" if report["semantic_dedup"]
+                else "semantic dedup off")
     lines = [
         f"accepted {report['accepted']}/{report['target']}  rejected {report['rejected']} "
-        f"(duplicates {report['duplicates']})  failed {report['failed']}  "
+        f"(duplicates {report['duplicates']}, {semantic})  failed {report['failed']}  "
         f"in progress {report['in_progress']}  planned {report['planned']}  calls {report['calls']}",
     ]
     if report.get("refine"):
@@ -135,6 +147,9 @@ def format_status(report: dict[str, Any]) -> str:
     for row in report["by_model"]:
         lines.append(f"  {row['role']:<12}{row['model']:<32}{row['calls']:>8} calls "
                      f"{row['prompt_tokens']:>10} in {row['completion_tokens']:>10} out")
+    if report["embedded_texts"]:
+        lines.append(f"  {'embedder':<12}{report['embedded_texts']:>8} texts embedded "
+                     f"{report['embedding_tokens']:>10} in")
     for e in report["endpoints"]:
         if e["health"] != "ok" or e["timeouts"] or e["failed"]:
             lines.append(f"  {e['endpoint']}: {e['health']}, {e['failed']} failed attempts, "

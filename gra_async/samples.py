@@ -2,7 +2,7 @@
 
 These are the file formats' models (pydantic): the export's fields as the README lists them, in
 that order, then the provenance a run adds (`round`, `failed_reviews`, `duplicate_of`,
-`reason`) the metadata (`keywords`, `summary`), and a refine's `source_id`, `origin`, `rewrites`. Unknown keys in a journal written by a later version are ignored.
+`similarity`, `reason`) the metadata (`keywords`, `summary`), and a refine's `source_id`, `origin`, `rewrites`. Unknown keys in a journal written by a later version are ignored.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class Sample(_Record):
     round: int = 1
     failed_reviews: list[FailedReview] = Field(default_factory=list)
     duplicate_of: str | None = None
+    # Embedding cosine to `duplicate_of` when the semantic dedup found it (None: a copy
+    # that MinHash caught, or no duplicate).
+    similarity: float | None = None
     reason: str | None = None  # why a filter rejected it, or why the task failed
     keywords: list[str] = Field(default_factory=list)  # metadata (README: Metadata)
     summary: str | None = None

@@ -7,7 +7,8 @@ most the rows of one commit window, and those are calls that resume simply sends
 
 Layout of `runs/<name>/`:
     config.json       the resolved config, as the run was started (no secrets)
-    journal.sqlite    calls, samples, dedup fingerprints, meta (+ -wal / -shm while open)
+    journal.sqlite    calls, samples, dedup fingerprints, embeddings, meta (+ -wal / -shm
+                      while open)
     seeds.sqlite      the seed pool (`seeds.SeedStore`), rebuilt from the seed files if lost
     .lock             held by the run writing here
 """
@@ -25,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "SampleRecord",
     "call_key",
     "config_hash",
+    "embedding_key",
 ]
 
 SCHEMA_VERSION = "1"
@@ -106,6 +108,16 @@ CREATE TABLE IF NOT EXISTS dedup_keys (
     buckets BLOB NOT NULL,   -- int64 per LSH band
     shingles BLOB            -- sorted uint64 shingle hashes; NULL under three words
 );
+-- Embedder replies, one row per text (semantic dedup): a resume reads them back instead
+-- of embedding a text again. `key` is `embedding_key(model, text)`.
+CREATE TABLE IF NOT EXISTS embeddings (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    vector BLOB NOT NULL,    -- float32, unit length
+    tokens INTEGER NOT NULL, -- the call's prompt tokens, shared out over its texts
+    created REAL NOT NULL
+);
 """
 
 
@@ -120,6 +132,11 @@ def call_key(
     material = {"role": role, "model": model, "messages": messages, "params": params,
                 "task": task_id, "slot": slot}
     return hashlib.sha256(_canonical(material)).hexdigest()
+
+
+def embedding_key(model: str, text: str) -> str:
+    """Content hash of one embedded text: the same text never goes to the same model twice."""
+    return hashlib.sha256(_canonical({"embed": model, "text": text})).hexdigest()
 
 
 def config_hash(snapshot: Mapping[str, Any]) -> str:
@@ -200,9 +217,12 @@ def _state_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 def _spend_rows(conn: sqlite3.Connection) -> list[tuple[str, bool, int, int]]:
     """(model, from a batch?, prompt tokens, completion tokens) over every journaled call."""
-    rows = conn.execute(
+    rows = list(conn.execute(
         "SELECT model, endpoint LIKE '%' || ?, sum(prompt_tokens), sum(completion_tokens) "
-        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,))
+        "FROM calls GROUP BY 1, 2", (BATCH_ENDPOINT_SUFFIX,)))
+    with contextlib.suppress(sqlite3.OperationalError):  # no embeddings table: an older journal
+        # The embedder's tokens, at its model's price_in (online: embeddings never batch).
+        rows += conn.execute("SELECT model, 0, sum(tokens), 0 FROM embeddings GROUP BY model")
     return [(str(m), bool(b), int(t_in or 0), int(t_out or 0)) for m, b, t_in, t_out in rows]
 
 
@@ -339,6 +359,18 @@ class JournalReader:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def embeddings(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The stored vectors of these embedding keys (float32 bytes), those there are."""
+        return _embeddings(self._conn, keys)
+
+    def embedding_totals(self) -> tuple[int, int]:
+        """(texts embedded, their tokens); (0, 0) for a journal from before the embedder."""
+        try:
+            row = self._conn.execute("SELECT count(*), sum(tokens) FROM embeddings").fetchone()
+        except sqlite3.OperationalError:
+            return 0, 0
+        return int(row[0] or 0), int(row[1] or 0)
+
     def time_span(self) -> tuple[float, float] | None:
         row = self._conn.execute("SELECT min(created), max(created) FROM calls").fetchone()
         return None if row is None or row[0] is None else (float(row[0]), float(row[1]))
@@ -370,6 +402,19 @@ class JournalReader:
         return sorted((starts[i], float(last)) for i, last in rows)
 
 
+def _embeddings(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for i in range(0, len(keys), 500):
+        part = list(keys[i:i + 500])
+        try:
+            found.update(conn.execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(part))})",
+                part))
+        except sqlite3.OperationalError:  # no such table: a journal of an older version
+            return found
+    return found
+
+
 _Op = tuple[str, tuple[Any, ...]]
 _Group = list[_Op]  # committed together or not at all
 _STOP = object()
@@ -395,6 +440,8 @@ class Journal:
         self._thread = threading.Thread(target=self._write_loop, name="gra-journal", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reset_at_open = 0  # samples a crash had left mid-way, put back to planned
+        self._readers = threading.local()  # read connections for `embeddings`, one a thread
+        self._reader_conns: list[sqlite3.Connection] = []
 
     # --- opening ---------------------------------------------------------------------
 
@@ -558,6 +605,22 @@ class Journal:
         else:
             self._put(write)
 
+    def record_embeddings(self, rows: Sequence[tuple[str, str, str, bytes, int]]) -> None:
+        """(key, model, endpoint, float32 vector bytes, tokens) of one embedder reply."""
+        now = time.time()
+        self._put([("INSERT OR IGNORE INTO embeddings VALUES (?,?,?,?,?,?)", (*row, now))
+                   for row in rows])
+
+    def embeddings(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Stored vectors of these keys, as committed; from any thread after `start` (each
+        thread reads on a connection of its own: the writer owns the journal's)."""
+        local = self._readers
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = _connect(self.run_dir / "journal.sqlite", readonly=True)
+            self._reader_conns.append(conn)
+        return _embeddings(conn, keys)
+
     def set_meta(self, key: str, value: str) -> None:
         self._put(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
 
@@ -611,6 +674,9 @@ class Journal:
             self.reset_in_progress()
         if self._fingerprints is not None:
             self._fingerprints.close()
+        for reader in self._reader_conns:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                reader.close()
         self._conn.close()  # last, so SQLite checkpoints and removes the WAL file
         if self._lock is not None:
             self._lock.release()

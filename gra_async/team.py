@@ -17,8 +17,16 @@ from dataclasses import dataclass
 
 from gra_async._concurrency import first_error
 from gra_async.accounting import batch_prices
-from gra_async.client import Endpoint, EndpointPool, EndpointStats, RetryPolicy, Transport, probe
-from gra_async.config import ROLES, EndpointConfig, JsonMode, Role, RunConfig
+from gra_async.client import (
+    Endpoint,
+    EndpointPool,
+    EndpointStats,
+    RetryPolicy,
+    Transport,
+    probe,
+    probe_embeddings,
+)
+from gra_async.config import EMBEDDER, ROLES, EndpointConfig, JsonMode, Role, RunConfig
 from gra_async.errors import ConfigError
 
 __all__ = ["Assignment", "Team", "build_team"]
@@ -62,8 +70,10 @@ class Team:
         return Assignment(generator, tuple(reviewers), adjudicator)
 
     def capacity(self) -> int:
-        """Calls all endpoints together take at once: more tasks in flight would only queue."""
-        endpoints = {id(e): e for p in self.pools.values() for e in p.endpoints}
+        """Calls all chat endpoints together take at once: more tasks in flight would only
+        queue. The embedder's are left out: a task holds its call for a moment only."""
+        endpoints = {id(e): e for r, p in self.pools.items() if r != EMBEDDER
+                     for e in p.endpoints}
         return sum(e.cap for e in endpoints.values())
 
     def binding_caps(self, concurrency: int) -> list[str]:
@@ -71,7 +81,7 @@ class Team:
         the limit that binds below what the user asked for, and where to raise it."""
         notes, seen = [], set()
         for role, pool in self.pools.items():
-            if id(pool) in seen:  # rotate: one pool serves every role
+            if id(pool) in seen or role == EMBEDDER:  # rotate: one pool serves every role
                 continue
             seen.add(id(pool))
             caps = [e.config.max_concurrency for e in pool.endpoints]
@@ -132,10 +142,18 @@ async def build_team(
         groups: dict[Role, list[Endpoint]] = dict.fromkeys(ROLES, everyone)
     else:
         groups = {role: [endpoint(c) for c in _distinct(by_role[role])] for role in ROLES}
+    # Its own pool in either mode: an embedding model never writes or reviews. Only the
+    # first model is asked (one run keeps one embedding space); more entries are replicas.
+    embedder_configs = _distinct(list(config.endpoints.get(EMBEDDER, ()))
+                                 if config.semantic_dedup else [])
+    embedders = [endpoint(c) for c in embedder_configs]
     try:
         async with asyncio.TaskGroup() as group:  # one endpoint refusing us cancels the others
             for member in cache.values():
                 group.create_task(probe(member, transport))
+        async with asyncio.TaskGroup() as group:
+            for member in embedders:
+                group.create_task(probe_embeddings(member))
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
 
@@ -151,6 +169,8 @@ async def build_team(
             pools[role] = EndpointPool(members, policy=policy)
     if not config.gate.adjudicator:
         pools.pop("adjudicator", None)
+    if embedders:
+        pools[EMBEDDER] = EndpointPool(embedders, policy=policy)
     team = Team(
         mode=config.run.roles,
         pools=pools,

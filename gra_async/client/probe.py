@@ -7,11 +7,21 @@ import asyncio
 import orjson
 
 from gra_async.client._http import Timeouts, Transport
+from gra_async.client._types import EmbedRequest
 from gra_async.client.endpoint import Endpoint
-from gra_async.errors import NotFoundError, TransientError, UnreachableError
+from gra_async.client.pool import EndpointPool
+from gra_async.client.retry import RetryPolicy
+from gra_async.errors import (
+    EndpointError,
+    NotFoundError,
+    RetriesExhausted,
+    TransientError,
+    UnreachableError,
+)
 
-__all__ = ["probe"]
+__all__ = ["PROBE_TEXT", "probe", "probe_embeddings"]
 
+PROBE_TEXT = "gra-async probe"  # embedded at each start (not journaled: no sample's text)
 _PROBE_ATTEMPTS = 3
 _PROBE_BACKOFF = 0.5  # seconds, doubling
 
@@ -70,3 +80,25 @@ async def probe(endpoint: Endpoint, transport: Transport) -> tuple[str, ...]:
             endpoint=endpoint.label,
         )
     return served
+
+
+async def probe_embeddings(endpoint: Endpoint) -> int:
+    """One tiny `/v1/embeddings` call, for an embedder: the dimension of its vectors.
+
+    A server that lists the model but embeds nothing (a chat-only server answers 404 or
+    501 there) fails here, before any task, with the same error class and one line.
+    """
+    try:
+        # Through a pool of its own: its accounting of calls in flight, a retry on a blip.
+        pool = EndpointPool([endpoint], policy=RetryPolicy(max_retries=2))
+        reply = await pool.embed(EmbedRequest((PROBE_TEXT,)))
+    except RetriesExhausted as exc:
+        raise UnreachableError(f"{exc} (asking POST /embeddings of the embedder)",
+                               endpoint=endpoint.label) from None
+    except EndpointError as exc:
+        raise type(exc)(
+            f"{exc} (asking POST /embeddings of the embedder: does it serve an embedding "
+            "model? vLLM does with --task embed)",
+            endpoint=exc.endpoint or endpoint.label, status=exc.status, message=exc.message,
+            request_id=exc.request_id) from None
+    return int(reply.vectors.shape[1])

@@ -71,6 +71,11 @@ class Caller:
             "adjudicator": gen.review_temperature, "metadata": config.metadata.temperature,
         }
 
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """The run-wide slots (`run.concurrency`); embedder calls take one each too."""
+        return self._slots
+
     def reuse(self, replies: dict[str, CallRecord]) -> None:
         """Replies journaled by an earlier session for tasks it did not finish."""
         self._cache = replies

@@ -25,6 +25,7 @@ class Progress:
     in_progress: int = 0
     calls_sent: int = 0
     calls_reused: int = 0
+    embedded: int = 0  # texts sent to the embedder this session (each once)
     parked: int = 0  # tasks that lost a call to the endpoint and went back to run again
     last_activity: float = field(default_factory=time.monotonic)  # a call or a task finished
     accepted_at_start: int = 0  # from the journal, so rates count this session's work only

@@ -64,6 +64,7 @@ class SampleBody:
     adjudication: Adjudication | None = None
     decision: DecisionName | None = None
     duplicate_of: str | None = None
+    similarity: float | None = None  # embedding cosine to `duplicate_of` (semantic dedup)
     reason: str | None = None  # why a filter rejected it, or why the task failed
     failure: str | None = None  # the failure's kind, for counting
     keywords: tuple[str, ...] | None = None  # metadata of an accepted sample
@@ -90,7 +91,7 @@ class SampleBody:
                 "reason": self.adjudication.reason},
             "decision": self.decision,
         }
-        for key in ("duplicate_of", "reason", "failure", "summary", "source_id", "origin",
+        for key in ("duplicate_of", "similarity", "reason", "failure", "summary", "source_id", "origin",
                     "rewrites"):
             value = getattr(self, key)
             if value is not None:

@@ -40,10 +40,18 @@ class RefineSteps(TaskSteps):
         dedup = await self._dedup()
         rewrites = 0
         while True:
-            duplicate = dedup.check(task.id, dedup_text(body.instruction, body.response))
+            text = dedup_text(body.instruction, body.response)
+            duplicate = dedup.check(task.id, text)
             if duplicate is not None:
                 body.decision, body.duplicate_of = "duplicate", duplicate
                 return body
+            # A paraphrase of a kept sample, by embedding cosine, before the reviews too.
+            if self._semantic is not None:
+                found = await self._semantic.duplicate(task.id, text, {})
+                if found is not None:
+                    body.decision, body.duplicate_of = "duplicate", found.key
+                    body.similarity = found.similarity
+                    return body
             self._record(task, "generated", body)
             # The seed's calls keep the slots of a run's task; each rewrite gets its own.
             await self._judge(task, team, body, f"rw{rewrites}/" if rewrites else "")

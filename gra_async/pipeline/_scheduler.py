@@ -24,7 +24,7 @@ from gra_async import defaults
 from gra_async._concurrency import first_error, thread_until_done
 from gra_async.accounting import failure_kind, spend
 from gra_async.client import Transport
-from gra_async.config import RunConfig
+from gra_async.config import EMBEDDER, RunConfig
 from gra_async.dedup import Deduplicator
 from gra_async.errors import (
     BadRequestError,
@@ -37,6 +37,7 @@ from gra_async.errors import (
 from gra_async.pipeline._batch import BatchWaves
 from gra_async.pipeline._budget import Budget, OverBudget
 from gra_async.pipeline._calls import Caller
+from gra_async.pipeline._embed import Embedder, SemanticCheck
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import SampleBody, sample_record
 from gra_async.pipeline._refine import RefineSteps
@@ -44,6 +45,7 @@ from gra_async.pipeline._steps import Filter, Gate, TaskSteps, dedup_text
 from gra_async.planner import Planner, Task
 from gra_async.prompts import PromptSet
 from gra_async.seeds import Seed
+from gra_async.semantic import EmbeddingIndex
 from gra_async.store import FinishedTasks, Journal
 from gra_async.team import Team
 
@@ -81,6 +83,8 @@ class Pipeline:
         transport: Transport | None = None,
         max_rewrites: int | None = None,
     ) -> None:
+        """With an embedder in `team` and `config.semantic_dedup`, `dedup.semantic` is set
+        here to the embedding index the semantic stage fills."""
         self.config = config
         self.team = team
         self.planner = planner
@@ -97,13 +101,24 @@ class Pipeline:
             self._waves = BatchWaves(config, team, journal, self.progress, self.budget,
                                      transport, lambda: self._running)
             self._caller.waves = self._waves
+        self.semantic: SemanticCheck | None = None
+        embedders = team.pools.get(EMBEDDER)
+        if embedders is not None and config.semantic_dedup:
+            planner_config = config.planner
+            embedder = Embedder(embedders, embedders.models[0], journal, self.progress,
+                                self._caller.slots, batch=planner_config.embed_batch,
+                                prefix=planner_config.embed_prefix)
+            index = EmbeddingIndex()
+            dedup.semantic, dedup.semantic_threshold = index, planner_config.semantic_threshold
+            self.semantic = SemanticCheck(embedder, index, planner_config.semantic_threshold)
         # `refine` (max_rewrites set): each task's sample is a seed, reviewed and rewritten.
         self._steps = (TaskSteps(config, team, prompts, planner, journal, self._caller,
-                                 self.progress, self._dedup_index, filters=filters, gate=gate)
+                                 self.progress, self._dedup_index, filters=filters, gate=gate,
+                                 semantic=self.semantic)
                        if max_rewrites is None else
                        RefineSteps(config, team, prompts, planner, journal, self._caller,
                                    self.progress, self._dedup_index, gate=gate,
-                                   max_rewrites=max_rewrites))
+                                   semantic=self.semantic, max_rewrites=max_rewrites))
         self._finished = FinishedTasks()
         self._goal = 0
         self._stopping = False
@@ -213,19 +228,29 @@ class Pipeline:
             self.journal.set_meta("endpoints", orjson.dumps(rows).decode())
 
     async def _fill_index(self) -> None:
-        await thread_until_done(self._fill_dedup)
+        missing = await thread_until_done(self._fill_dedup)
+        if self.semantic is not None and missing:
+            log.info("semantic dedup: embedding %d accepted samples the journal has no "
+                     "vector of", len(missing))
+            await self.semantic.embed_missing(missing)
         self._index_ready.set()
 
-    def _fill_dedup(self, stop: threading.Event) -> None:
+    def _fill_dedup(self, stop: threading.Event) -> list[tuple[str, str]]:
         """Reload the index from the journal; index accepted samples it lacks (none, unless
-        the journal was made with another dedup layout)."""
+        the journal was made with another dedup layout). The embedding index reloads the
+        vectors journaled; the accepted samples without one are returned, to embed."""
         self.dedup.load()
         for record in self.journal.accepted(unindexed=True):
             if stop.is_set():
-                return
+                return []
             body = record.body
             self.dedup.add(record.task_id, dedup_text(body["instruction"], body["response"]))
             self.journal.commit_fingerprint(record.task_id)
+        if self.semantic is None:
+            return []
+        accepted = ((r.task_id, dedup_text(r.body["instruction"], r.body["response"]))
+                    for r in self.journal.accepted())
+        return self.semantic.reload(accepted, stop)
 
     async def _dedup_index(self) -> Deduplicator:
         await self._index_ready.wait()
@@ -378,6 +403,8 @@ class Pipeline:
         except TaskFailed as exc:
             self._fail(task, exc)
         finally:
+            if self.semantic is not None:  # an accepted sample's vector is in the index now
+                self.semantic.discard(task.id)
             self.progress.in_progress -= 1
             self._running -= 1
             if not parked:  # a parked task made no progress: the stall watchdog still counts
@@ -406,9 +433,10 @@ class Pipeline:
         if body.decision == "accept":
             if self.progress.accepted >= self._goal:
                 raise _Withdrawn
-            duplicate = self.dedup.check_and_add(task.id, dedup_text(body.instruction, body.response))
+            duplicate = self.dedup.find_and_add(task.id, dedup_text(body.instruction, body.response))
             if duplicate is not None:
-                body.decision, body.duplicate_of = "duplicate", duplicate
+                body.decision, body.duplicate_of = "duplicate", duplicate.key
+                body.similarity = duplicate.similarity
         progress = self.progress
         if body.decision == "accept":
             self._record(task, "accepted", body)

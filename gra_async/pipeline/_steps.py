@@ -1,5 +1,5 @@
-"""The GRA steps of one task: generate, copy check, filters, review panel, gate, adjudicator,
-metadata.
+"""The GRA steps of one task: generate, copy check (MinHash, then embeddings), filters,
+review panel, gate, adjudicator, metadata.
 
 `TaskSteps.run` takes a planned task to a `SampleBody` with a decision; what happens to
 that decision (the target, the final dedup insert, the counters) is the scheduler's.
@@ -18,6 +18,7 @@ from gra_async.dedup import Deduplicator, copied_from
 from gra_async.errors import BadRequestError, RetriesExhausted, TaskFailed, TaskParked, UsageError
 from gra_async.pipeline._budget import OverBudget
 from gra_async.pipeline._calls import Caller
+from gra_async.pipeline._embed import SemanticCheck
 from gra_async.pipeline._progress import Progress
 from gra_async.pipeline._records import (
     Adjudication,
@@ -74,8 +75,10 @@ class TaskSteps:
         *,
         filters: Sequence[Filter] = (),
         gate: Gate | None = None,
+        semantic: SemanticCheck | None = None,
     ) -> None:
         self._config = config
+        self._semantic = semantic
         self._team = team
         self._prompts = prompts
         self._planner = planner
@@ -115,6 +118,14 @@ class TaskSteps:
         if duplicate is not None:
             body.decision, body.duplicate_of = "duplicate", duplicate
             return body
+        # MinHash above is the cheap filter for copies; a paraphrase of a seed or of an
+        # accepted sample is caught here, by embedding cosine, still before the reviews.
+        if self._semantic is not None:
+            found = await self._semantic.duplicate(task.id, text, wholes)
+            if found is not None:
+                body.decision, body.duplicate_of = "duplicate", found.key
+                body.similarity = found.similarity
+                return body
 
         draft = Draft(task.id, task.round, task.domain, sample.instruction, sample.response,
                       team.generator, task.seed_ids)

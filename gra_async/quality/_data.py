@@ -64,6 +64,7 @@ class RunData:
     adjudications: dict[str, Counter[str]]  # model -> called / accepted / rejected / overturned
     rejections: Counter[str]
     duplicates: Counter[str]
+    similarities: list[float]  # embedding cosine of each semantic duplicate
     failures: Counter[str]
     domains: dict[str, Counter[str]]  # domain -> state counts
     seeds_per_domain: dict[str, int] | None  # None: no seeds.sqlite to read
@@ -105,6 +106,7 @@ class _Samples:
         self.failures: Counter[str] = Counter()
         self.domains: dict[str, Counter[str]] = defaultdict(Counter)
         self.copies: list[tuple[str, bytes]] = []  # (original task id, the copy's digest)
+        self.similarities: list[float] = []  # embedding cosines of the semantic duplicates
 
     def add(self, state: str, domain: str, body: dict[str, Any]) -> None:
         i = len(self.decisions)
@@ -137,7 +139,11 @@ class _Samples:
             self.rejections[self._rejection(decision, body)] += 1
         if decision == "duplicate":
             original = str(body.get("duplicate_of") or "")
-            if original.startswith("seed:"):
+            if body.get("similarity") is not None:  # the embedding stage found it
+                kind = "seed paraphrase" if original.startswith("seed:") else "paraphrase"
+                self.duplicates[kind] += 1
+                self.similarities.append(float(body["similarity"]))
+            elif original.startswith("seed:"):
                 self.duplicates["seed copy"] += 1
             else:
                 self.copies.append((original, _digest(instruction, response)))
@@ -255,7 +261,8 @@ def load_run(run_dir: Path) -> RunData:
         instruction_tokens=lengths[:, 0], response_tokens=lengths[:, 1],
         reviewers=tuple(samples.reviewer_index), scores=scores, review_means=review_means,
         adjudications=dict(samples.adjudications), rejections=samples.rejections,
-        duplicates=samples.duplicates, failures=samples.failures,
+        duplicates=samples.duplicates, similarities=samples.similarities,
+        failures=samples.failures,
         domains=dict(samples.domains), seeds_per_domain=_seeds_per_domain(run_dir),
         tokens=tokens, prices=prices, endpoint_calls=endpoint_calls,
         endpoint_session=endpoint_session,

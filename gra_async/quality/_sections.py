@@ -284,13 +284,18 @@ def outcomes_section(data: RunData) -> Section:
                                 [[k, v] for k, v in data.rejections.most_common()]))
     section.tables.append(Table(["duplicate kind", "samples"],
                                 [[k, data.duplicates.get(k, 0)]
-                                 for k in ("exact copy", "near-copy", "seed copy")]))
+                                 for k in ("exact copy", "near-copy", "seed copy", "paraphrase",
+                                           "seed paraphrase")]))
     section.tables.append(Table(["failure kind", "tasks"], [[k, v] for k, v in data.failures.most_common()]))
+    semantic = (f"{len(data.similarities)} found, cosine {min(data.similarities):.3f} to "
+                f"{max(data.similarities):.3f}" if data.similarities else
+                "none found (or no embedder configured: `status` and the run's log say which)")
     section.notes.append("Duplicate kinds: an exact copy has the same normalized text as an "
                          "accepted sample; a near-copy is a MinHash match (Jaccard >= the "
                          "near_dup_threshold); a seed copy repeats one of the task's few-shot "
-                         "seeds. Semantic (embedding) duplicates: not checked by this version, "
-                         "none recorded.")
+                         "seeds. A paraphrase (of an accepted sample or of a seed) is a "
+                         "semantic match: embedding cosine >= planner.semantic_threshold, "
+                         f"checked after MinHash. Semantic (embedding) duplicates: {semantic}.")
     return section
 
 

@@ -8,6 +8,15 @@ when importable; simulated latency is one `loop.call_later` timer per request, n
 
 Endpoints:
     POST /v1/chat/completions   the model (auth, 404 for unknown models, every knob below)
+    POST /v1/embeddings         embeddings of `input` (a string or a list of them): a hashed bag
+                                of words, EMBED_DIM floats of unit length, so texts with the same
+                                words in any order have cosine 1 and texts sharing no word ~0.
+                                Auth, 404 for unknown models, and the fault knobs of chat calls
+                                (latency, capacity, rpm/tpm, the *_rate knobs, status_script,
+                                down); "truncate" answers normally. Counted in `/_stats`:
+                                `embedding_requests`, `embedded_texts`, and `embeddings`
+                                {embedding_key(model, text): n}, so a test can assert no text
+                                was embedded twice.
     GET  /v1/models             configured model names, OpenAI list format (auth)
     POST /v1/files, GET /v1/files/ID/content, POST /v1/batches, GET /v1/batches[/ID],
     POST /v1/batches/ID/cancel  the Batch API (auth; `_fake_batches.py`, knobs `batch_*`)
@@ -85,6 +94,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -115,6 +125,7 @@ except ModuleNotFoundError as _missing:
 else:
     _HTTPTOOLS = True
 
+EMBED_DIM: Final = 64  # of /v1/embeddings vectors
 MISSING_HTTPTOOLS: Final = (
     "the fake server needs httptools, which gra-async does not install by default: "
     "pip install 'gra-async[testing]'"
@@ -413,6 +424,31 @@ def updated_knobs(knobs: Knobs, changes: Mapping[str, Any]) -> Knobs:
 
 # --------------------------------------------------------------------------------------------
 # Replies
+
+
+def embedding_key(model: str, text: str) -> str:
+    """How `/_stats` names one embedded text."""
+    return hashlib.sha256(orjson.dumps([model, text])).hexdigest()
+
+
+_WORD: Final = re.compile(r"\w+")
+
+
+@functools.lru_cache(maxsize=65536)
+def _word_vector(word: str) -> tuple[float, ...]:
+    rng = random.Random(int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(),
+                                       "big"))
+    return tuple(rng.gauss(0.0, 1.0) for _ in range(EMBED_DIM))
+
+
+def embed_text(text: str) -> list[float]:
+    """The fake embedding: a seeded normal vector per distinct lower-cased word, summed, unit
+    length. Reordered words give the same vector, which MinHash's word 3-shingles do not see."""
+    total = [0.0] * EMBED_DIM
+    for word in sorted(set(_WORD.findall(text.casefold()))):  # one order: the same float sum
+        total = [a + b for a, b in zip(total, _word_vector(word), strict=True)]
+    norm = math.sqrt(sum(x * x for x in total)) or 1.0
+    return [round(x / norm, 6) for x in total]
 
 
 def call_key(model: str, messages: Any) -> str:
@@ -900,6 +936,9 @@ class _Stats:
     def __init__(self) -> None:
         self.requests = 0  # every request to /v1/*
         self.chat_requests = 0
+        self.embedding_requests = 0
+        self.embedded_texts = 0
+        self.embeddings: Counter[str] = Counter()
         self.status: Counter[int] = Counter()
         self.models: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
@@ -1142,6 +1181,10 @@ class FakeOpenAIServer:
             return self._chat(auth, body)
         if path == b"/v1/models":
             return self._models(auth)
+        if path == b"/v1/embeddings":
+            if method != b"POST":
+                return self._v1(405, _error_body(405, "use POST"))
+            return self._embeddings(auth, body)
         if path.startswith((b"/v1/files", b"/v1/batches")):
             self.stats.requests += 1
             reply = self._down_reply() or self._unauthorized(auth)
@@ -1221,6 +1264,9 @@ class FakeOpenAIServer:
         data: dict[str, Any] = {
             "requests": s.requests,
             "chat_requests": s.chat_requests,
+            "embedding_requests": s.embedding_requests,
+            "embedded_texts": s.embedded_texts,
+            "embeddings": dict(s.embeddings),
             "status": {str(code): n for code, n in sorted(s.status.items())},
             "models": dict(s.models),
             "faults": dict(s.faults),
@@ -1241,16 +1287,22 @@ class FakeOpenAIServer:
             data["bodies"] = list(s.bodies)
         return orjson.dumps(data)
 
-    def _chat(self, auth: bytes | None, body: bytes) -> _Reply:
-        stats, knobs = self.stats, self.knobs
-        stats.requests += 1
+    def _v1_request(self, auth: bytes | None, body: bytes) -> tuple[Any, _Reply | None]:
+        """A /v1 POST's JSON body, or the reply that refuses it (down, auth, not JSON)."""
+        self.stats.requests += 1
         reply = self._down_reply() or self._unauthorized(auth)
         if reply is not None:
-            return reply
+            return None, reply
         try:
-            request = orjson.loads(body)
+            return orjson.loads(body), None
         except orjson.JSONDecodeError as exc:
-            return self._v1(400, _error_body(400, f"request body is not valid JSON: {exc}"))
+            return None, self._v1(400, _error_body(400, f"request body is not valid JSON: {exc}"))
+
+    def _chat(self, auth: bytes | None, body: bytes) -> _Reply:
+        stats, knobs = self.stats, self.knobs
+        request, refused = self._v1_request(auth, body)
+        if refused is not None:
+            return refused
         problem = _request_problem(request)
         if problem:
             return self._v1(400, _error_body(400, problem))
@@ -1293,6 +1345,60 @@ class FakeOpenAIServer:
             )
         return self._complete(request, model, messages, text, prompt_tokens, reply_seed, schema,
                               step, headers)
+
+    def _embeddings(self, auth: bytes | None, body: bytes) -> _Reply:
+        stats = self.stats
+        request, refused = self._v1_request(auth, body)
+        if refused is not None:
+            return refused
+        texts = request.get("input") if isinstance(request, dict) else None
+        texts = [texts] if isinstance(texts, str) else texts
+        model = request.get("model") if isinstance(request, dict) else None
+        if (not isinstance(model, str) or not isinstance(texts, list) or not texts
+                or not all(isinstance(t, str) for t in texts)):
+            return self._v1(400, _error_body(400, "expected a model and an input string or list "
+                                                  "of strings"))
+        stats.embedding_requests += 1
+        stats.models[model] += 1
+        stats.bodies.append(request)
+        if model not in self.knobs.models:
+            return self._v1(404, _error_body(404, f"The model `{model}` does not exist."))
+        stats.embedded_texts += len(texts)
+        for text in texts:
+            stats.embeddings[embedding_key(model, text)] += 1
+        tokens = max(1, math.ceil(sum(len(t) for t in texts) / 4))
+        step: Step | None = self._script.popleft() if self._script else None
+        headers = b""
+        if step is None:
+            limited, headers = self._admit(self.loop.time(), tokens)
+            if limited is not None:
+                return limited
+            step = self._draw()
+        elif step == 429:
+            wait = SCRIPTED_RETRY_AFTER if self.knobs.retry_after is None else self.knobs.retry_after
+            return self._too_many(wait, "scripted 429 (fake server knob `status_script`)", b"")
+        if step in ("reset", "hang"):
+            stats.faults[str(step)] += 1
+            return _Reply(fate=RESET if step == "reset" else HANG, delay=self._delay())
+        if isinstance(step, int) and step != 200:
+            return self._v1(step, _error_body(step, f"injected {step} (fake server knob)"),
+                            headers, self._delay())
+        if self.knobs.tpm:
+            self._token_window.append((self.loop.time(), tokens))
+            self._tokens_in_window += tokens
+        payload = orjson.dumps({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": embed_text(text)}
+                     for i, text in enumerate(texts)],
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+        if step == "malformed":
+            stats.faults["malformed"] += 1
+            payload = payload[: len(payload) // 2]
+        reply = self._v1(200, payload, headers, self._delay())
+        reply.serve = True
+        return reply
 
     def batch_line(self, request: Any) -> tuple[int, dict[str, Any]]:
         """One Batch API line's answer: (status code, body), as the chat route would answer
