@@ -74,17 +74,17 @@ async def _windows(run: Run, trace: list[str], period: float = 2.0) -> None:
 
 
 async def bench(
-    run_dir: Path, url: str, target: int, concurrency: int, metrics: bool = False,
+    run_dir: Path, urls: list[str], target: int, concurrency: int, metrics: bool = False,
     lags: list[float] | None = None, replicas: int = 1, fixed: bool = False,
     trace: list[str] | None = None,
 ) -> tuple[float, int, list[float]]:
-    # `replicas` endpoints per model, as a fleet behind one orchestrator would be (one fake
-    # server answers for all of them: what is measured is the orchestrator).
+    # `replicas` endpoints per model, as a fleet behind one orchestrator would be: one fake
+    # server process per replica (endpoints with the same URL and model are one endpoint).
     cap = max(1, concurrency // replicas)
 
     def fleet(model: str) -> list[dict[str, object]]:
         return [{"base_url": url, "model": model, "max_concurrency": cap,
-                 "adaptive": not fixed}] * replicas
+                 "adaptive": not fixed} for url in urls]
 
     endpoints = {
         "generator": fleet("gen-a"),
@@ -155,23 +155,26 @@ def main() -> None:
         runner = asyncio.run
     # rev-c scores at random (the server's default): agreement, rejection and the
     # adjudicator all occur, as in a real run.
-    server = FakeServerProcess.start(models=[*MODELS, "bench-model"], latency=args.latency, jitter=args.jitter,
-                                     rules=[{"model": "rev-b", "content": review(9)},
-                                            {"model": "adj-d", "content": json.dumps(
-                                                {"decision": "accept", "reason": "ok"})}])
+    servers = [FakeServerProcess.start(
+        models=[*MODELS, "bench-model"], latency=args.latency, jitter=args.jitter, seed=i,
+        rules=[{"model": "rev-b", "content": review(9)},
+               {"model": "adj-d", "content": json.dumps({"decision": "accept", "reason": "ok"})}])
+        for i in range(args.replicas)]
+    server = servers[0]
     base = "/dev/shm" if args.no_journal_disk else None
     run_dir = Path(tempfile.mkdtemp(prefix="gra-bench-", dir=base))
     lags: list[float] = []
     trace: list[str] | None = [] if args.trace else None
     cpu = time.process_time()
     try:
-        wall, calls, scrapes = runner(bench(run_dir, server.base_url, args.target,
+        wall, calls, scrapes = runner(bench(run_dir, [s.base_url for s in servers], args.target,
                                             args.concurrency, args.metrics, lags, args.replicas,
                                             args.fixed, trace))
         cpu = time.process_time() - cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
-        server.close()
+        for each in servers:
+            each.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     for line in trace or ():
         print(line)

@@ -35,6 +35,9 @@ class EndpointPool:
         if not endpoints:
             raise ValueError("an EndpointPool needs at least one endpoint")
         self._endpoints = tuple(endpoints)
+        # Read for every task (`Team.assign`): rebuilt each time, it was 10% of the CPU
+        # with 16 replicas per model (bench/pipeline_bench.py --scale --replicas 16).
+        self._models = tuple(dict.fromkeys(e.model for e in self._endpoints))
         self._policy = policy or RetryPolicy()
         self._clock = clock
         self._by_model: dict[str | None, tuple[Endpoint, ...]] = {None: self._endpoints}
@@ -52,7 +55,7 @@ class EndpointPool:
     @property
     def models(self) -> tuple[str, ...]:
         """Distinct models, in configuration order."""
-        return tuple(dict.fromkeys(e.model for e in self._endpoints))
+        return self._models
 
     def stats(self) -> tuple[EndpointStats, ...]:
         return tuple(e.stats() for e in self._endpoints)
