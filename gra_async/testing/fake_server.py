@@ -49,7 +49,9 @@ Knobs (same names as flags at start: `--error-rate 0.1`; or all at once: `--knob
     malformed_rate       fraction answered 200 with the JSON body cut in half
     truncate_rate        fraction with finish_reason "length" and the content cut in half
     seed                 seeds the fault RNG: one draw per chat request in arrival order, so a
-                         seed places the faults at the same request indexes every run
+                         seed places the faults at the same request indexes every run; it
+                         also varies the replies (servers with different seeds answer a
+                         prompt differently, as different replicas' samples would)
     dribble              seconds over which each chat body is sent, in small pieces
     down, down_mode      every request to /v1 and /health fails: "503" (default), "reset", or
     down_for             "refuse" (the listening socket closes, open connections are reset);
@@ -1324,7 +1326,9 @@ class FakeOpenAIServer:
         # The same prompt sampled again (temperature > 0, or unset: OpenAI's default is 1) gets
         # a new reply, as from a real model; otherwise a pipeline's dedup would see copies.
         variant = 0 if request.get("temperature") == 0 else stats.calls[key] - 1
-        reply_seed = int.from_bytes(digest[:8], "big") + variant
+        # `seed` too: replicas started with different seeds are different models, not
+        # copies that answer a repeated prompt alike (16 replicas made 16 calls/sample).
+        reply_seed = int.from_bytes(digest[:8], "big") + variant + (knobs.seed << 64)
         text = "\n".join(_content_text(m.get("content")) for m in messages)
         prompt_tokens = max(1, math.ceil(len(text) / 4))
         step: Step | None = self._script.popleft() if self._script else None
