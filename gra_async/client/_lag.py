@@ -4,7 +4,7 @@ A client near one core's worth of work reads each reply late: the bytes are at t
 the loop is busy with other replies. That wait is part of the latency an endpoint measures,
 and unaccounted for it reads as a server queue (bench/pipeline_bench.py at C=500: a p99
 lag of 260 ms, and windows cut below the calls the pipeline had to send). The window takes
-a rise within a few times this lag as noise, not as a queue: subtracting it from each
+a rise within twice this lag as noise, not as a queue: subtracting it from each
 latency instead left bases under the server's real latency (a tick's lateness is a rough
 sample of what a reply waited), and those read every later epoch as a queue.
 
