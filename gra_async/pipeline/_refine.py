@@ -46,12 +46,8 @@ class RefineSteps(TaskSteps):
                 body.decision, body.duplicate_of = "duplicate", duplicate
                 return body
             # A paraphrase of a kept sample, by embedding cosine, before the reviews too.
-            if self._semantic is not None:
-                found = await self._semantic.duplicate(task.id, text, {})
-                if found is not None:
-                    body.decision, body.duplicate_of = "duplicate", found.key
-                    body.similarity = found.similarity
-                    return body
+            if await self._paraphrase(task, body, text, {}):
+                return body
             self._record(task, "generated", body)
             # The seed's calls keep the slots of a run's task; each rewrite gets its own.
             await self._judge(task, team, body, f"rw{rewrites}/" if rewrites else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, TypeAlias
 
 from gra_async.config import GateConfig, RunConfig
@@ -120,12 +120,8 @@ class TaskSteps:
             return body
         # MinHash above is the cheap filter for copies; a paraphrase of a seed or of an
         # accepted sample is caught here, by embedding cosine, still before the reviews.
-        if self._semantic is not None:
-            found = await self._semantic.duplicate(task.id, text, wholes)
-            if found is not None:
-                body.decision, body.duplicate_of = "duplicate", found.key
-                body.similarity = found.similarity
-                return body
+        if await self._paraphrase(task, body, text, wholes):
+            return body
 
         draft = Draft(task.id, task.round, task.domain, sample.instruction, sample.response,
                       team.generator, task.seed_ids)
@@ -142,6 +138,19 @@ class TaskSteps:
         if body.decision == "accept" and self._config.metadata.enabled:
             await self._describe(task, body, team.generator)
         return body
+
+    async def _paraphrase(self, task: Task, body: SampleBody, text: str,
+                          references: Mapping[str, str]) -> bool:
+        """Whether the embedding check makes `body` a duplicate (of a reference or an
+        accepted sample); False without an embedder."""
+        if self._semantic is None:
+            return False
+        found = await self._semantic.duplicate(task.id, text, references)
+        if found is None:
+            return False
+        body.decision, body.duplicate_of = "duplicate", found.key
+        body.similarity = found.similarity
+        return True
 
     async def _judge(self, task: Task, team: Assignment, body: SampleBody, slot: str = "") -> None:
         """The review panel, the gate and, on a dispute, the adjudicator: `body.decision`
