@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gra_async._resources import ensure_open_files
+from gra_async._resources import collector_for_run, ensure_open_files
 from gra_async.client import AiohttpTransport, EndpointStats, Transport
 from gra_async.config import (
     EMBEDDER,
@@ -228,6 +228,7 @@ async def open_run(
             log.info("semantic dedup is off: no embedder endpoint configured (MinHash "
                         "copies only; add --endpoint embedder=MODEL@URL to catch paraphrases)")
         ensure_open_files(config.run.concurrency)
+        stack.enter_context(collector_for_run())
         if config.run.max_cost is not None and not any(
                 p_in or p_out for p_in, p_out in team.prices.values()):
             raise ConfigError("run.max_cost: no endpoint has a price, so nothing would count "

@@ -38,3 +38,28 @@ def test_a_hard_limit_below_the_concurrency_is_announced() -> None:
     assert "the open-file limit is 300, and 1000 calls in flight need about 1256" in out
     assert "ulimit -n 1256" in out
     assert out.strip().endswith("limit 300 300")
+
+
+COLLECTOR = """
+import gc
+from gra_async._resources import collector_for_run
+gc.set_threshold(700, 10, 10)
+before = gc.get_threshold()
+with collector_for_run():
+    during = gc.get_threshold(), gc.get_freeze_count() > 0
+    with collector_for_run():  # a second run in the same process
+        nested = gc.get_threshold()
+    after_inner = gc.get_threshold()
+print(before, during, nested, after_inner, gc.get_threshold(), gc.get_freeze_count())
+gc.disable()
+with collector_for_run():
+    print(gc.get_threshold(), gc.isenabled(), gc.get_freeze_count())
+"""
+
+
+def test_a_run_makes_full_collections_rare_and_puts_the_collector_back() -> None:
+    out = subprocess.run([sys.executable, "-c", COLLECTOR], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == ("(700, 10, 10) ((700, 10, 1000), True) (700, 10, 1000) (700, 10, 1000) "
+                      "(700, 10, 10) 0")
+    assert out[1] == "(700, 10, 10) False 0"  # the application's choice stands
