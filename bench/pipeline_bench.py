@@ -97,6 +97,7 @@ async def bench(
         "endpoints": endpoints,
     })
     scrapes: list[float] = []
+    backlog: list[int] = []
     async with open_run(config) as run:
         server = MetricsServer(run, "127.0.0.1", 0) if metrics else None
         stop = threading.Event()
@@ -110,6 +111,7 @@ async def bench(
             started = time.perf_counter()
             await run.pipeline.run()
             wall = time.perf_counter() - started
+            backlog.append(run.journal.queued - run.journal.committed)
         finally:
             for task in (lag, watch):
                 if task is not None:
@@ -120,6 +122,7 @@ async def bench(
             if server is not None:
                 server.close()
         calls = run.pipeline.progress.calls_sent
+    print(f"journal: {backlog[0]} writes not yet committed when the last task ended")
     return wall, calls, scrapes
 
 

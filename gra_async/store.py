@@ -19,12 +19,10 @@ import asyncio
 import collections
 import contextlib
 import fcntl
-import functools
 import hashlib
 import itertools
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -121,30 +119,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
     created REAL NOT NULL
 );
 """
-
-
-_INSERT = re.compile(r"(INSERT(?: OR \w+)? INTO \w+(?: \([\w, ]+\))?) VALUES \((\?(?:,\s?\?)*)\)")
-
-
-@functools.lru_cache(maxsize=64)
-def _json_form(sql: str) -> str | None:
-    """`INSERT ... VALUES (?,...)` as an INSERT of the rows of one JSON array parameter,
-    in array order (a later REPLACE wins, as with executemany); None for other statements."""
-    match = _INSERT.fullmatch(sql.strip())
-    if match is None:
-        return None
-    width = match.group(2).count("?")
-    columns = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
-    return f"{match.group(1)} SELECT {columns} FROM json_each(?) ORDER BY key"
-
-
-def _has_json(conn: sqlite3.Connection) -> bool:
-    """SQLite builds without the JSON functions (before 3.38 they were optional)."""
-    try:
-        conn.execute("SELECT json_extract('[1]', '$[0]') FROM json_each('[1]')").fetchall()
-    except sqlite3.Error:
-        return False
-    return True
 
 
 def _canonical(value: Any) -> bytes:
@@ -452,11 +426,11 @@ class Journal:
     def __init__(self, run_dir: Path, conn: sqlite3.Connection, lock: RunLock | None) -> None:
         self.run_dir = run_dir
         self._conn = conn
-        self._json = _has_json(conn)
         self._lock = lock
         self._queue: queue.SimpleQueue[_Op | _Group | object | asyncio.Future[None]] = (
             queue.SimpleQueue())
         self._sequence = itertools.count(1)  # of queued writes; `committed` follows it
+        self.queued = 0  # writes queued so far
         self._order = threading.Lock()
         # The writer sleeps a commit interval and then takes everything queued: woken per
         # write instead, it took the GIL from the event loop ~1,000 times a second.
@@ -605,7 +579,7 @@ class Journal:
         """Queue one write for the writer thread; its number, for `committed`."""
         self._check()
         with self._order:  # numbers follow queue order, whichever thread writes
-            number = next(self._sequence)
+            number = self.queued = next(self._sequence)
             self._queue.put(write)
         if self._queue.qsize() >= _COMMIT_ROWS:
             self._wake.set()
@@ -745,19 +719,19 @@ class Journal:
             return True
         try:
             self._conn.execute("BEGIN")
-            # Runs of the same statement are written together (`_write_run`); order is
-            # kept, and groups stay whole: everything here is one transaction.
+            # Runs of the same statement go to executemany (a loop in C); order is kept,
+            # and groups stay whole: everything here is one transaction.
             sql: str | None = None
             rows: list[Any] = []
             for write in writes:
                 for statement, params in write if isinstance(write, list) else (write,):
                     if statement != sql:
                         if rows:
-                            self._write_run(sql, rows)  # type: ignore[arg-type]
+                            self._conn.executemany(sql, rows)  # type: ignore[arg-type]
                         sql, rows = statement, []
                     rows.append(params)
             if rows:
-                self._write_run(sql, rows)  # type: ignore[arg-type]
+                self._conn.executemany(sql, rows)  # type: ignore[arg-type]
             self._conn.execute("COMMIT")
         except Exception as exc:  # any failure must reach the event loop
             # Not only DatabaseError: an InterfaceError ("bad parameter or other API misuse")
@@ -768,28 +742,6 @@ class Journal:
                 self._conn.execute("ROLLBACK")
             return False
         return True
-
-    def _write_run(self, sql: str, rows: list[Any]) -> None:
-        """Rows of one INSERT as one JSON array that SQLite unpacks: one statement step.
-
-        `executemany` steps once per row and gives the GIL back around every step; with
-        the event loop busy, each step then waits out the interpreter's 5 ms switch
-        interval to get it back. Measured (a busy thread beside the writer, 40,000 call
-        rows in commits of 43): 303 s of writer wall time with executemany, 18 s as JSON,
-        and the busy thread did 13% more work. Rows with bytes (fingerprints, vectors) and
-        other statements go through executemany.
-        """
-        packed = _json_form(sql) if len(rows) > 1 and self._json else None
-        if packed is not None:
-            try:
-                payload = orjson.dumps(rows)
-            except TypeError:  # bytes in a row
-                payload = None
-            # SQLite's JSON functions end a string at an escaped NUL.
-            if payload is not None and b"\\u0000" not in payload:
-                self._conn.execute(packed, (payload,))
-                return
-        self._conn.executemany(sql, rows)
 
     def _resolve(self, future: asyncio.Future[None]) -> None:
         def settle() -> None:

@@ -12,8 +12,8 @@ import pytest
 from gra_async.errors import RunDirError
 from gra_async.store import CallRecord, Journal, SampleRecord
 
-# Texts a model may return: quotes, escapes, astral characters, a NUL (which SQLite's JSON
-# functions would cut short), a lone backslash-u sequence, empty.
+# Texts a model may return: quotes, escapes, astral characters, a NUL, a literal
+# backslash-u sequence, empty, long.
 AWKWARD = ['say "hi"\n\tthen \\ leave', "😀 日本語 ß", "before\x00after", "\\u0000 literal",
            "", "x" * 20_000]
 
@@ -28,8 +28,7 @@ def sample(task: str, state: str, note: str) -> SampleRecord:
 
 
 def test_rows_committed_together_read_back_exactly_and_in_order(tmp_path: Path) -> None:
-    # Rows go to SQLite as one JSON array per statement, except a commit with a NUL in it:
-    # the first 200 take the JSON path, the next 100 the other.
+    # Two commits at least: the first 200 rows, then the rest.
     clean = [text for text in AWKWARD if "\x00" not in text]
     calls = [call(i, clean[i % len(clean)]) for i in range(200)]
     calls += [call(i, AWKWARD[i % len(AWKWARD)]) for i in range(200, 300)]
