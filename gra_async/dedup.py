@@ -57,7 +57,7 @@ __all__ = [
 _WHITESPACE = re.compile(r"\s+")
 _SHINGLE = 3
 _CANDIDATE_RECALL = 0.995
-_RECENT = 4096  # fingerprints kept between a sample's early check and its final check_and_add
+_RECENT = 4096  # at least this many fingerprints kept between `check` and `check_and_add`
 
 
 def _identity(value: int) -> int:
@@ -330,7 +330,11 @@ class Deduplicator:
         store: FingerprintStore | None = None,
         semantic: Similarity | None = None,
         semantic_threshold: float = defaults.SEMANTIC_THRESHOLD,
+        in_flight: int = 0,
     ) -> None:
+        """`in_flight`: how many samples may be between their `check` and their
+        `check_and_add` at once (the run's concurrency); each one's fingerprint is kept
+        for the second call."""
         if not 0.0 < threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
         self.threshold = threshold
@@ -341,6 +345,9 @@ class Deduplicator:
         # Copied per text, so the permutations are drawn once; its inputs are hashes already.
         self._empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity)
         self._recent: OrderedDict[str, tuple[str, Fingerprint]] = OrderedDict()
+        # Sized below the samples in flight, it hashed every text twice: 4% of a run's
+        # CPU at 10,000 calls in flight (py-spy, bench/pipeline_bench.py --scale).
+        self._recent_size = max(_RECENT, 2 * in_flight)
 
     @property
     def layout(self) -> str:
@@ -417,7 +424,7 @@ class Deduplicator:
         """`check`, with the similarity of a semantic match."""
         fingerprint = self._prepare(text)
         self._recent[key] = (text, fingerprint)
-        if len(self._recent) > _RECENT:
+        if len(self._recent) > self._recent_size:
             self._recent.popitem(last=False)
         return self._find(key, text, fingerprint)
 

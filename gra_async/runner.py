@@ -244,7 +244,8 @@ async def open_run(
         if retry_failed and (replanned := journal.replan_failed()):
             log.warning("%d failed tasks whose endpoint failed them are planned again", replanned)
         threshold = config.planner.near_dup_threshold
-        dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)))
+        dedup = Deduplicator(threshold, store=journal.fingerprints(layout(threshold)),
+                             in_flight=max(config.run.concurrency, config.run.max_in_flight or 0))
         planner = (SeedPlan(seeds, config.run.seed) if refine
                    else Planner(seeds, config.run.seed, config.generation.few_shot))
         pipeline = Pipeline(live, team, prompts, planner, journal, dedup, filters=filters,
