@@ -6,6 +6,7 @@
     python bench/pipeline_bench.py --scale            # C=10,000, L=8±2 s, 30,000 accepted
     python bench/pipeline_bench.py --scale --replicas 16   # the same over 16 endpoints per model
     python bench/pipeline_bench.py --latency 0 --jitter 0 --target 3000 --baseline  # CPU per call
+    python bench/pipeline_bench.py --flags            # the same run as a new user types it
 
 One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the fake
 server. Efficiency = (model calls * L / C) / wall, where wall is the pipeline's own run
@@ -14,7 +15,10 @@ process: the orchestrator, the journal, the display off) and the event loop's la
 late a 50 ms timer fires: what every reply waits on top of its latency). `--baseline`
 then sends as many calls at the same concurrency through a bare AsyncOpenAI + semaphore
 loop (bench/client_bench.py's `openai` candidate, in its own process) against the same
-server, and prints the ratio of requests per second.
+server, and prints the ratio of requests per second. `--flags` runs `python -m gra_async
+run` instead, from a directory outside the checkout, with `--concurrency` and four
+`--endpoint` flags and nothing else; its pipeline time is read from the journal (first
+call sent to last reply), and the command's whole wall time is printed beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -146,6 +151,8 @@ def main() -> None:
                         help="print each endpoint's window / calls in flight every 2 s")
     parser.add_argument("--baseline", action="store_true",
                         help="then as many calls through bare AsyncOpenAI + a semaphore")
+    parser.add_argument("--flags", action="store_true",
+                        help="the CLI with --concurrency and --endpoint flags only (no config)")
     args = parser.parse_args()
     if args.scale:
         args.concurrency, args.latency, args.jitter, args.target = 10_000, 8.0, 2.0, 30_000
@@ -168,6 +175,14 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="gra-bench-", dir=base))
     lags: list[float] = []
     trace: list[str] | None = [] if args.trace else None
+    if args.flags:
+        try:
+            _flags_run(server.base_url, run_dir, args)
+        finally:
+            for each in servers:
+                each.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return
     cpu = time.process_time()
     try:
         wall, calls, scrapes = runner(bench(run_dir, [s.base_url for s in servers], args.target,
@@ -201,6 +216,33 @@ def main() -> None:
     if scrapes:
         print(f"scrapes={len(scrapes)} scrape time max={max(scrapes) * 1e3:.0f} ms "
               f"mean={sum(scrapes) / len(scrapes) * 1e3:.0f} ms")
+
+
+def _flags_run(url: str, run_dir: Path, args: argparse.Namespace) -> None:
+    command = [sys.executable, "-m", "gra_async", "run", "--run-dir", str(run_dir / "run"),
+               "--target", str(args.target), "--concurrency", str(args.concurrency)]
+    for role, model in (("generator", "gen-a"), ("reviewer", "rev-b"), ("reviewer", "rev-c"),
+                        ("adjudicator", "adj-d")):
+        command += ["--endpoint", f"{role}={model}@{url}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=run_dir,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"run exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    with sqlite3.connect(run_dir / "run" / "journal.sqlite") as conn:
+        calls, first, last = conn.execute(
+            "SELECT count(*), min(created - latency), max(created) FROM calls").fetchone()
+    span = last - first
+    ideal = calls * args.latency / args.concurrency
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    print(f"flags only: target={args.target} C={args.concurrency} L={args.latency}±{args.jitter}s "
+          f"cores={os.cpu_count()} (python -m gra_async run, 4 --endpoint flags, no config)")
+    print(f"calls={calls} pipeline={span:.2f}s ideal={ideal:.2f}s efficiency={ideal / span:.2f} "
+          f"| whole command {wall:.2f}s (start-up, probes, exit): {ideal / wall:.2f} "
+          f"| CPU per call={cpu / calls * 1e3:.3f} ms peak RSS={after.ru_maxrss / 1024:.0f} MB")
 
 
 def _raise_fd_limit() -> None:
