@@ -46,13 +46,13 @@ def ensure_open_files(concurrency: int) -> int:
     return int(soft)
 
 
-# A full collection once per this many young-generation (gen 1) collections instead of
+# A full collection once per this many middle-generation (gen 1) collections instead of
 # CPython's 10. Every call's state lives for the call's latency, long enough to reach the
 # oldest generation, and each full pass walks everything in flight: at 10,000 calls in
 # flight (bench/pipeline_bench.py --scale) 66 full passes took 72 s of a 244 s run, up
-# to 1.7 s each with the event loop stopped; at 1,000, 1 pass and 1.5 s. The pipeline
-# makes ~2 objects of cyclic garbage per call (measured with gc.DEBUG_SAVEALL), which the
-# young passes still collect.
+# to 1.7 s each with the event loop stopped; with 1000 here, 1 pass of 1.5 s. The
+# pipeline makes ~2 objects of cyclic garbage per call (gc.DEBUG_SAVEALL), which the
+# younger passes still collect.
 _FULL_PASS_EVERY = 1000
 _tuned = 0
 _saved: tuple[tuple[int, int, int], bool] | None = None
