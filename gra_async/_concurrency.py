@@ -1,13 +1,15 @@
-"""Two helpers of the one concurrency style (asyncio task groups), shared by the layers."""
+"""Helpers of the one concurrency style (asyncio task groups), shared by the layers."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import Callable, Coroutine
+from types import TracebackType
 from typing import Any, TypeVar
 
-__all__ = ["block_on", "first_error", "run_coroutine", "thread_until_done"]
+__all__ = ["Slots", "block_on", "first_error", "run_coroutine", "thread_until_done"]
 
 T = TypeVar("T")
 
@@ -24,6 +26,57 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             return first_error(error)
         return error
     return group
+
+
+class Slots:
+    """A counting semaphore that hands a released slot straight to the longest waiter.
+
+    `asyncio.Semaphore` (3.11) wakes a waiter by scanning its queue past the waiters woken
+    already but not yet run, so a burst of k releases in one loop turn costs k^2 steps,
+    and `locked()` scans every waiter: 3.6% of a run's CPU at 10,000 calls in flight
+    (py-spy, bench/pipeline_bench.py --scale). Here both are O(1); a cancelled waiter is
+    dropped when it comes up, and one cancelled after it was handed a slot passes it on.
+    """
+
+    def __init__(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("Slots value must be >= 0")
+        self._free = value
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    async def acquire(self) -> None:
+        if self._free > 0:
+            self._free -= 1  # nobody waits while a slot is free: release hands them over
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot in the same turn it was cancelled
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 async def thread_until_done(work: Callable[[threading.Event], T]) -> T:

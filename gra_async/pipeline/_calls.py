@@ -8,11 +8,11 @@ steps depending on each other never idle the slots.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
+from gra_async._concurrency import Slots
 from gra_async.accounting import BATCH_ENDPOINT_SUFFIX
 from gra_async.client import ChatRequest
 from gra_async.config import Role, RunConfig
@@ -52,7 +52,7 @@ class Caller:
         self._team = team
         self._journal = journal
         self._progress = progress
-        self._slots = asyncio.Semaphore(config.run.concurrency)
+        self._slots = Slots(config.run.concurrency)
         self._cache: dict[str, CallRecord] = {}
         self._made: dict[str, list[CallRecord]] = {}  # replies of the tasks in flight
         gen = config.generation
@@ -72,7 +72,7 @@ class Caller:
         }
 
     @property
-    def slots(self) -> asyncio.Semaphore:
+    def slots(self) -> Slots:
         """The run-wide slots (`run.concurrency`); embedder calls take one each too."""
         return self._slots
 

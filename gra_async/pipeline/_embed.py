@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gra_async import defaults
+from gra_async._concurrency import Slots
 from gra_async.client import EmbedRequest, EndpointPool
 from gra_async.config import EMBEDDER
 from gra_async.dedup import Deduplicator, Duplicate
@@ -50,7 +51,7 @@ class _Item:
 class Embedder:
     def __init__(
         self, pool: EndpointPool, model: str, journal: Journal, progress: Progress,
-        slots: asyncio.Semaphore, *, batch: int, prefix: str = "",
+        slots: Slots, *, batch: int, prefix: str = "",
     ) -> None:
         self.model = model
         self._pool = pool

@@ -21,7 +21,7 @@ from itertools import islice
 import orjson
 
 from gra_async import defaults
-from gra_async._concurrency import first_error, thread_until_done
+from gra_async._concurrency import Slots, first_error, thread_until_done
 from gra_async.accounting import failure_kind, spend
 from gra_async.client import Transport
 from gra_async.config import EMBEDDER, RunConfig
@@ -271,7 +271,7 @@ class Pipeline:
                                                      self.team.capacity())
         if self._waves is not None:  # a batch holds a whole slice, whatever the concurrency
             limit = self.config.run.max_in_flight or self.config.batch.slice
-        admit = asyncio.Semaphore(limit)
+        admit = Slots(limit)
         self._abandoned = False
         self._parked.clear()  # left from an earlier round: planned still, for a later session
         try:
@@ -323,7 +323,7 @@ class Pipeline:
                 raise Stalled(f"stalled: no call completed for {idle:.0f} s with {self._running} "
                               f"tasks waiting ({states}); run the same command again to resume")
 
-    async def _admit(self, rnd: int, admit: asyncio.Semaphore, tasks: asyncio.TaskGroup) -> None:
+    async def _admit(self, rnd: int, admit: Slots, tasks: asyncio.TaskGroup) -> None:
         """The round's plan, then the tasks parked along the way, until the goal or a stop."""
         tasks_of_round = self.planner.tasks(rnd, shard=self.config.run.shard_parts)
         plan = (t for t in islice(tasks_of_round, plan_size(self.config))
@@ -352,7 +352,7 @@ class Pipeline:
             self._running += 1
             tasks.create_task(self._run_task(task, admit))
 
-    async def _room(self, admit: asyncio.Semaphore) -> None:
+    async def _room(self, admit: Slots) -> None:
         """A slot for one more task, and no more tasks in flight than the goal still needs
         at the acceptance rate seen so far (x1.5): what is in flight when the goal is met
         is cancelled, and a gateway may bill it anyway. The rate starts at 1/2 (Laplace's
@@ -368,7 +368,7 @@ class Pipeline:
             self._changed.clear()
             await self._changed.wait()
 
-    async def _run_task(self, task: Task, admit: asyncio.Semaphore) -> None:
+    async def _run_task(self, task: Task, admit: Slots) -> None:
         self.progress.in_progress += 1
         parked = False
         try:
