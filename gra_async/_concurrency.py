@@ -33,9 +33,10 @@ class Slots:
 
     `asyncio.Semaphore` (3.11) wakes a waiter by scanning its queue past the waiters woken
     already but not yet run, so a burst of k releases in one loop turn costs k^2 steps,
-    and `locked()` scans every waiter: 3.6% of a run's CPU at 10,000 calls in flight
-    (py-spy, bench/pipeline_bench.py --scale). Here both are O(1); a cancelled waiter is
-    dropped when it comes up, and one cancelled after it was handed a slot passes it on.
+    and `locked()` scans every waiter: 3.6% of py-spy's samples at 10,000 calls in flight
+    (bench/pipeline_bench.py --scale; end to end the gain is within that bench's noise).
+    Here both are O(1); a cancelled waiter is dropped when it comes up, and one cancelled
+    after it was handed a slot passes it on.
     """
 
     def __init__(self, value: int) -> None:
