@@ -12,13 +12,14 @@ One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the 
 server. Efficiency = (model calls * L / C) / wall, where wall is the pipeline's own run
 time until the journal has committed it all (start-up and the endpoint probe excluded).
 Prints peak RSS, CPU per call (this process: the orchestrator, the journal, the display
-off) and the event loop's lag (how late a 50 ms timer fires: what every reply waits on top of its latency). `--baseline`
-then sends as many calls at the same concurrency through a bare AsyncOpenAI + semaphore
-loop (bench/client_bench.py's `openai` candidate, in its own process) against the same
-server, and prints the ratio of requests per second. `--flags` runs `python -m gra_async
-run` instead, from a directory outside the checkout, with `--concurrency` and four
-`--endpoint` flags and nothing else; its pipeline time is read from the journal (first
-call sent to last reply), and the command's whole wall time is printed beside it.
+off) and the event loop's lag (how late a 50 ms timer fires: what every reply waits on
+top of its latency). `--baseline` then sends as many calls at the same concurrency
+through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's `openai` candidate,
+in its own process) against the same server, and prints the ratio of requests per
+second. `--flags` runs `python -m gra_async run` instead, from a directory outside the
+checkout, with `--concurrency` and four `--endpoint` flags and nothing else; its pipeline
+time is read from the journal (first call sent to last reply), and the command's whole
+wall time is printed beside it.
 """
 
 from __future__ import annotations
@@ -102,8 +103,6 @@ async def bench(
         "endpoints": endpoints,
     })
     scrapes: list[float] = []
-    backlog: list[int] = []
-    drained: list[float] = []
     async with open_run(config) as run:
         server = MetricsServer(run, "127.0.0.1", 0) if metrics else None
         stop = threading.Event()
@@ -117,11 +116,11 @@ async def bench(
             started = time.perf_counter()
             await run.pipeline.run()
             ended = time.perf_counter()
-            backlog.append(run.journal.queued - run.journal.committed)
+            backlog = run.journal.queued - run.journal.committed
             # A run is done when its journal holds it: the writer's backlog counts.
             await run.journal.flush()
             wall = time.perf_counter() - started
-            drained.append(wall - (ended - started))
+            drained = wall - (ended - started)
         finally:
             for task in (lag, watch):
                 if task is not None:
@@ -132,8 +131,8 @@ async def bench(
             if server is not None:
                 server.close()
         calls = run.pipeline.progress.calls_sent
-    print(f"journal: {backlog[0]} writes not yet committed when the last task ended, "
-          f"committed {drained[0]:.2f} s later (counted in wall)")
+    print(f"journal: {backlog} writes not yet committed when the last task ended, "
+          f"committed {drained:.2f} s later (counted in wall)")
     return wall, calls, scrapes
 
 

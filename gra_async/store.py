@@ -20,7 +20,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import os
 import queue
 import sqlite3
@@ -429,8 +428,7 @@ class Journal:
         self._lock = lock
         self._queue: queue.SimpleQueue[_Op | _Group | object | asyncio.Future[None]] = (
             queue.SimpleQueue())
-        self._sequence = itertools.count(1)  # of queued writes; `committed` follows it
-        self.queued = 0  # writes queued so far
+        self.queued = 0  # writes queued so far, each one's number; `committed` follows it
         self._order = threading.Lock()
         # The writer sleeps a commit interval and then takes everything queued: woken per
         # write instead, it took the GIL from the event loop ~1,000 times a second.
@@ -579,7 +577,8 @@ class Journal:
         """Queue one write for the writer thread; its number, for `committed`."""
         self._check()
         with self._order:  # numbers follow queue order, whichever thread writes
-            number = self.queued = next(self._sequence)
+            self.queued += 1
+            number = self.queued
             self._queue.put(write)
         if self._queue.qsize() >= _COMMIT_ROWS:
             self._wake.set()
