@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, TextIO
 import orjson
 
 from gra_async.client import (
-    AiohttpTransport,
     ChatRequest,
     Endpoint,
     EndpointPool,
+    H1Transport,
     RetryPolicy,
     probe,
     probe_embeddings,
@@ -35,7 +35,7 @@ _SCHEMA = {
 _ASK = [{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}]
 
 
-async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) -> tuple[bool, str]:
+async def check_endpoint(config: EndpointConfig, transport: H1Transport) -> tuple[bool, str]:
     """Probe models and auth, then ask for a tiny schema-constrained reply."""
     try:
         endpoint = Endpoint(config, transport)
@@ -67,7 +67,7 @@ async def check_endpoint(config: EndpointConfig, transport: AiohttpTransport) ->
     return True, f"{detail}, {config.json_mode} output ok"
 
 
-async def check_embedder(config: EndpointConfig, transport: AiohttpTransport) -> tuple[bool, str]:
+async def check_embedder(config: EndpointConfig, transport: H1Transport) -> tuple[bool, str]:
     """Probe models and auth, then embed one text (what the semantic dedup will ask)."""
     try:
         endpoint = Endpoint(config, transport)
@@ -96,7 +96,7 @@ async def doctor(config: RunConfig, out: TextIO) -> int:
     for role in ENDPOINT_ROLES:
         for endpoint in config.endpoints.get(role, ()):
             seen.setdefault((role == EMBEDDER, endpoint.base_url, endpoint.model), (role, endpoint))
-    transport = AiohttpTransport()
+    transport = H1Transport()
     try:
         async with asyncio.TaskGroup() as group:
             checks = [group.create_task((check_embedder if embeds else check_endpoint)(e, transport))
@@ -131,11 +131,11 @@ async def _embedded_embedder(out: TextIO) -> int:
 
 async def _check_local(
     out: TextIO, server: LocalServer,
-    check: Callable[[EndpointConfig, AiohttpTransport], Awaitable[tuple[bool, str]]],
+    check: Callable[[EndpointConfig, H1Transport], Awaitable[tuple[bool, str]]],
     role: str, what: str,
 ) -> int:
     """Start one of the embedded default's servers, check it, stop it: one line."""
-    transport = AiohttpTransport()
+    transport = H1Transport()
     try:
         async with server:
             ok, line = await check(server.endpoint(), transport)

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from gra_async._concurrency import block_on, first_error
-from gra_async.client import AiohttpTransport, Endpoint, EndpointPool, Transport, probe
+from gra_async.client import Endpoint, EndpointPool, H1Transport, Transport, probe
 from gra_async.config import EndpointConfig, GateConfig, RunConfig
 from gra_async.errors import ConfigError, RunDirError, TaskFailed
 from gra_async.pipeline import Progress
@@ -266,7 +266,7 @@ async def _adjudicate(
     prompts = PromptSet.load(config.prompts_dir)
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
-            transport = AiohttpTransport()
+            transport = H1Transport()
             stack.push_async_callback(transport.aclose)
         members = [Endpoint(e, transport, uncapped=config.run.concurrency) for e in endpoints]
         try:

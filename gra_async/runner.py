@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from gra_async._resources import collector_for_run, ensure_open_files
-from gra_async.client import AiohttpTransport, EndpointStats, Transport
+from gra_async.client import EndpointStats, H1Transport, Transport
 from gra_async.config import (
     EMBEDDER,
     EndpointConfig,
@@ -210,7 +210,7 @@ async def open_run(
         lock = RunLock(run_dir)
         stack.callback(lock.release)
         if transport is None:  # one given is the caller's to close
-            transport = AiohttpTransport()
+            transport = H1Transport()
             stack.push_async_callback(transport.aclose)
         inputs = snapshot(config, refine=refine)
         seeds = _seed_store(config, inputs)

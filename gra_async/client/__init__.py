@@ -1,4 +1,4 @@
-"""The client layer: endpoints, their pool, retries and the one HTTP transport.
+"""The client layer: endpoints, their pool, retries and the HTTP transports.
 
 Nothing here knows about samples, reviews or the journal; the pipeline calls `EndpointPool.chat`
 and `EndpointPool.embed`.
@@ -6,6 +6,7 @@ and `EndpointPool.embed`.
 
 from __future__ import annotations
 
+from gra_async.client._h1 import H1Transport
 from gra_async.client._http import AiohttpTransport, HttpResponse, Timeouts, Transport
 from gra_async.client._types import (
     ChatReply,
@@ -29,6 +30,7 @@ __all__ = [
     "Endpoint",
     "EndpointPool",
     "EndpointStats",
+    "H1Transport",
     "HttpResponse",
     "Message",
     "RetryPolicy",
