@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import socket
 import ssl
 import time
@@ -309,7 +310,9 @@ class H1Transport:
                 raise ConnectionFailed(f"{label}: TLS failed ({exc.reason or exc})",
                                        endpoint=label) from None
             except OSError as exc:
-                reason = exc.strerror or str(exc)
+                # The stdlib loop's strerror is "Connect call failed (addr)", uvloop's the
+                # errno's text: say the errno's text either way.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 continue
             self._open.add(connection)
             return connection
