@@ -7,7 +7,8 @@ Every candidate runs in its own process (so its peak RSS is its own) against one
 server process; ideal wall time = N * L / C; efficiency = ideal / measured wall.
 Candidates:
   raw       plain aiohttp loop, no limits or retries: the fake server's ceiling
-  gra       gra_async's EndpointPool (limits, retries, stats) on its aiohttp transport
+  gra       gra_async's EndpointPool (limits, retries, stats) on its default H1Transport
+  gra-aiohttp  the same on AiohttpTransport, the transport it had before
   openai    bare AsyncOpenAI(max_retries=0) + asyncio.Semaphore: the baseline
   httpx     plain httpx.AsyncClient + semaphore      (stack comparison)
   httpx2    plain httpx2.AsyncClient + semaphore     (what openai 3.x is built on)
@@ -65,11 +66,11 @@ async def run_raw(url: str, n: int, c: int) -> None:
         await _drive(n, c, one)
 
 
-async def run_gra(url: str, n: int, c: int) -> None:
-    from gra_async.client import AiohttpTransport, ChatRequest, Endpoint, EndpointPool
+async def run_gra(url: str, n: int, c: int, aiohttp: bool = False) -> None:
+    from gra_async.client import AiohttpTransport, ChatRequest, Endpoint, EndpointPool, H1Transport
     from gra_async.config import EndpointConfig
 
-    transport = AiohttpTransport()
+    transport = AiohttpTransport() if aiohttp else H1Transport()
     config = EndpointConfig(base_url=url, model=MODEL, max_concurrency=c)
     pool = EndpointPool([Endpoint(config, transport)])
     request = ChatRequest(messages=MESSAGES, max_tokens=32)
@@ -131,6 +132,7 @@ async def run_httpx2(url: str, n: int, c: int) -> None:
 CANDIDATES: dict[str, Callable[[str, int, int], Awaitable[None]]] = {
     "raw": run_raw,
     "gra": run_gra,
+    "gra-aiohttp": lambda url, n, c: run_gra(url, n, c, aiohttp=True),
     "openai": run_openai,
     "httpx": run_httpx,
     "httpx2": run_httpx2,
@@ -158,7 +160,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5, help="server latency, seconds")
     parser.add_argument("--jitter", type=float, default=0.1, help="± uniform jitter, seconds")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    parser.add_argument("--candidates", default="raw,gra,openai,httpx,httpx2")
+    parser.add_argument("--candidates", default="raw,gra,gra-aiohttp,openai,httpx,httpx2")
     parser.add_argument("--worker", choices=sorted(CANDIDATES), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
