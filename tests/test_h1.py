@@ -270,3 +270,14 @@ async def test_https_verifies_the_server_certificate(certificate: tuple[Path, Pa
     finally:
         server.close()
     assert script.connections == 1  # the refused handshake never reached the handler
+
+
+async def test_connections_idle_past_their_time_are_closed_not_kept() -> None:
+    async with serve(reply()) as (server, url):
+        transport = H1Transport(idle_ttl=0.3)
+        await asyncio.gather(*(post(transport, url) for _ in range(50)))
+        await asyncio.sleep(0.5)
+        await post(transport, url)
+        await asyncio.sleep(0.1)
+        assert server.connections == 51 and server.closed_by_client == 50
+        await transport.aclose()

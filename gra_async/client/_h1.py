@@ -222,8 +222,12 @@ class H1Transport:
     """HTTP/1.1 with keep-alive, one connection per call in flight; caps live above it
     (the endpoint windows), so it never queues a request where the limiter can't see it."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
+                 idle_ttl: float = _IDLE_TTL) -> None:
+        """`ssl_context`: how to verify servers (default: the system's CAs, which
+        SSL_CERT_FILE overrides). `idle_ttl`: seconds an idle connection may be reused."""
         self._ssl = ssl_context
+        self._idle_ttl = idle_ttl
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._paths: dict[str, tuple[_Origin, bytes]] = {}
         self._open: set[_Connection] = set()
@@ -282,14 +286,22 @@ class H1Transport:
 
     def _idle(self, origin: _Origin) -> _Connection | None:
         now = time.monotonic()
-        while origin.idle:
+        idle = origin.idle
+        # Oldest first from the left: after a burst the calls that follow reuse only the
+        # newest few, and the rest would sit there closed by their server.
+        while idle and (idle[0].closed or now - idle[0].idle_since >= self._idle_ttl):
+            self._drop(idle.popleft())
+        while idle:
             # Most recently used first: its peer is the least likely to have timed it out.
-            connection = origin.idle.pop()
-            if not connection.closed and now - connection.idle_since < _IDLE_TTL:
+            connection = idle.pop()
+            if not connection.closed:
                 return connection
-            connection.close()
-            self._open.discard(connection)
+            self._drop(connection)
         return None
+
+    def _drop(self, connection: _Connection) -> None:
+        connection.close()
+        self._open.discard(connection)
 
     async def _connect(self, origin: _Origin, timeouts: Timeouts, label: str) -> _Connection:
         loop = asyncio.get_running_loop()
