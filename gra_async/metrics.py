@@ -4,7 +4,7 @@ Nothing is counted on the hot path for them. A collector reads, at scrape time, 
 the run keeps anyway: the journal's calls (committed rows, read incrementally by rowid,
 so each call is read once), the endpoints' statistics and the run's progress counters.
 It serves from prometheus_client's own HTTP server in a daemon thread: a scrape and its
-SQLite read never run on the event loop, and aiohttp stays the client's alone.
+SQLite read never run on the event loop.
 
     gra_calls_total{role,model,endpoint,outcome}  ok: journaled calls of the run (as `status`
                                                   counts them); rate_limited, timeout, error:
