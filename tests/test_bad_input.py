@@ -234,6 +234,15 @@ def test_api_key_variable_not_set(server: FakeServerProcess, tmp_path: Path) -> 
     assert_user_error(out, "environment variable GRA_UNSET_KEY is not set")
 
 
+def test_api_key_with_a_line_break(server: FakeServerProcess, tmp_path: Path) -> None:
+    """A pasted key with a newline would split the request's headers: refused at start,
+    without the key in the message."""
+    out = gra("run", "--run-dir", str(tmp_path / "run"), "--endpoint",
+              f"generator={GEN}@{server.base_url}", "--api-key-env", KEY_ENV,
+              env={KEY_ENV: SECRET + "\nX-Injected: 1"})
+    assert_user_error(out, "'Authorization' contains a line break")
+
+
 def test_key_given_where_its_variable_name_belongs(
     server: FakeServerProcess, tmp_path: Path
 ) -> None:

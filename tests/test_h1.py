@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gra_async.client import H1Transport, Timeouts
-from gra_async.errors import ConnectionFailed, RequestTimeout
+from gra_async.errors import ConfigError, ConnectionFailed, RequestTimeout
 
 pytestmark = pytest.mark.anyio
 Action = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -234,7 +234,7 @@ async def test_connect_failures_and_bad_headers_say_what_and_never_show_the_valu
     with pytest.raises(ConnectionFailed, match="not an http"):
         await post(transport, "ftp://127.0.0.1/x")
     async with serve(reply()) as (server, url):
-        with pytest.raises(ConnectionFailed, match="'Authorization' contains a line break") as bad:
+        with pytest.raises(ConfigError, match="'Authorization' contains a line break") as bad:
             await transport.request("POST", url, headers={"Authorization": "Bearer sk-1\r\nX: y"},
                                     body=b"{}", timeouts=TIMEOUTS, label="m@test")
         assert "sk-1" not in str(bad.value) and not server.requests
