@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gra_async.client._http import HttpResponse, Timeouts
-from gra_async.errors import ConfigError, ConnectionFailed, RequestTimeout
+from gra_async.client._http import HttpResponse, Timeouts, timed_out
+from gra_async.errors import ConfigError, ConnectionFailed
 
 __all__ = ["H1Transport"]
 
@@ -83,7 +83,6 @@ class _Connection(asyncio.Protocol):
         "_transport",
         "closed",
         "idle_since",
-        "uses",
     )
 
     def __init__(self) -> None:
@@ -96,7 +95,6 @@ class _Connection(asyncio.Protocol):
         self._done = False
         self.closed = False
         self.idle_since = 0.0
-        self.uses = 0
 
     # asyncio.Protocol
 
@@ -149,7 +147,6 @@ class _Connection(asyncio.Protocol):
         self._reset_reply()
         self._reply = reply
         self._done = False
-        self.uses += 1
         self._transport.write(data)
 
     @property
@@ -267,9 +264,7 @@ class H1Transport:
             async with asyncio.timeout(timeouts.read):
                 return await self._exchange(origin, data, timeouts, label)
         except TimeoutError:
-            raise RequestTimeout(
-                f"{label}: no complete reply within {timeouts.read:g}s", endpoint=label
-            ) from None
+            raise timed_out(label, timeouts) from None
 
     async def _exchange(self, origin: _Origin, data: bytes, timeouts: Timeouts,
                         label: str) -> HttpResponse:

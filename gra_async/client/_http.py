@@ -17,7 +17,7 @@ import aiohttp
 
 from gra_async.errors import ConnectionFailed, RequestTimeout
 
-__all__ = ["AiohttpTransport", "HttpResponse", "Timeouts", "Transport"]
+__all__ = ["AiohttpTransport", "HttpResponse", "Timeouts", "Transport", "timed_out"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,11 @@ class HttpResponse:
     status: int
     headers: Mapping[str, str]  # case-insensitive for the aiohttp transport
     body: bytes
+
+
+def timed_out(label: str, timeouts: Timeouts) -> RequestTimeout:
+    """What every transport raises when a call's `read` limit passes."""
+    return RequestTimeout(f"{label}: no complete reply within {timeouts.read:g}s", endpoint=label)
 
 
 class Transport(Protocol):
@@ -93,9 +98,7 @@ class AiohttpTransport:
                 payload = await response.read()
                 return HttpResponse(response.status, response.headers, payload)
         except TimeoutError:
-            raise RequestTimeout(
-                f"{label}: no complete reply within {timeouts.read:g}s", endpoint=label
-            ) from None
+            raise timed_out(label, timeouts) from None
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionFailed(
                 f"{label}: cannot connect ({exc.os_error.strerror or exc.os_error})",
