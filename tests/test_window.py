@@ -234,3 +234,51 @@ class TestVirtualClock:
             assert knee * 0.9 <= window <= knee * 1.4, (since, window)
             assert wait <= 0.25 * 0.5, (since, wait)
             assert rate >= 0.9 * knee / 0.5, (since, rate)
+
+
+def _feed(window: ConcurrencyWindow, start: float, seconds: float, rate: float, latency: float,
+          in_flight: int, *, lag: float = 0.0, blocked: bool = False) -> float:
+    """Replies at `rate` per second for `seconds`, each after `latency`; returns the end."""
+    now, step = start, 1.0 / rate
+    while now < start + seconds:
+        now += step
+        if blocked:
+            window.blocked()
+        window.replied(latency, now, in_flight - 1, sent_with=in_flight, lag=lag)
+    return now
+
+
+class TestAtScale:
+    """Epochs as `bench/pipeline_bench.py --scale` showed them: 8 s latency, 10,000 calls
+    in flight, a client loop that runs late, a pipeline whose demand comes in waves."""
+
+    def _opened(self, window: ConcurrencyWindow) -> float:
+        # A first epoch from a ramp: the fastest replies only, so its base reads 7% low.
+        return _feed(window, 0.0, 7.45, 300, 7.44, 2000)
+
+    @pytest.mark.parametrize("lag", [0.45, 0.0])
+    def test_our_own_loop_running_late_is_not_a_queue(self, lag: float) -> None:
+        window = ConcurrencyWindow(10_000)
+        now = self._opened(window)
+        _feed(window, now, 9.0, 450, 8.86 + (0.0 if lag else 0.45), 4000, lag=lag)
+        if lag:
+            assert window.limit == 10_000  # 8.86 s read late by 0.45 s: no queue
+        else:
+            assert window.limit < 10_000  # the same rise, not explained by lag: a queue
+
+    @pytest.mark.parametrize("probe_latency", [8.0, 6.0])
+    def test_a_probe_after_a_lull_goes_back_to_the_window(self, probe_latency: float) -> None:
+        window = ConcurrencyWindow(10_000)
+        now = self._opened(window)
+        now = _feed(window, now, 9.0, 900, 8.0, 8000)
+        now = _feed(window, now, 9.0, 100, 8.0, 800)  # a lull: 800 calls out; then the probe
+        assert window.limit == 7_500
+        now = _feed(window, now, 9.0, 900, 8.0, 7500, blocked=True)  # draining
+        # Measuring (calls sent under the probe only, over two round trips): 7,500 calls
+        # out, 3.5x the lull's throughput. With the same latency as before that is no
+        # queue, and the window goes back; with a lower one it was a queue.
+        _feed(window, now, 25.0, 7500 / probe_latency, probe_latency, 7500, blocked=True)
+        if probe_latency == 8.0:
+            assert window.limit == 10_000
+        else:
+            assert window.limit < 7_500 * 1.1

@@ -8,11 +8,11 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   latency without a queue. An epoch's mean, not the fastest reply: with 500 +- 100 ms of
   jitter the fastest replies are 20% under the typical one, and a base that low reads as
   a queue that is not there.
-- An epoch whose mean is over the base by `_TOLERANCE` of it, by `_NOISE` seconds (below
-  ~20 ms a busy client's own event-loop lag moves latency more than a queue does) and by
-  three standard errors of that mean (a shared machine's stalls are noise, not a queue)
-  had a queue in front of it, unless the rise is within twice our own event loop's lag
-  (`_lag.py`: a busy client reads every reply late) or means less than one call waiting
+- An epoch whose mean is over the base, less twice our own event loop's lag (`_lag.py`:
+  a busy client reads every reply late), by `_TOLERANCE` of it, by `_NOISE` seconds
+  (below ~20 ms a busy client's own event-loop lag moves latency more than a queue does)
+  and by three standard errors of that mean (a shared machine's stalls are noise, not a
+  queue) had a queue in front of it, unless that rise means less than one call waiting
   (calls in flight x (1 - base / mean), as TCP Vegas counts a path's queue). By Little's
   law the server sustains throughput x base calls (and calls in flight x base / mean,
   which holds where a lull in demand made the throughput read low); the window goes
@@ -30,10 +30,12 @@ trip (at least `_MIN_SAMPLES` replies, and at least the base latency long):
   slower (longer replies). Once at `_FIRST_PROBE`, and once a knee is known at once and
   then every `_PROBE_EVERY` epochs, a probe lowers the window to
   `_PROBE_DEPTH` of itself for two epochs: one to drain, one to measure the calls sent
-  under it. A lower latency is the new base; if the throughput did not fall, the probe
-  was still past the knee, and another comes at once from the lower window; the same
-  latency with
-  less throughput means no queue, the work is slower: that latency is the new base.
+  under it. A lower latency is the new base; if the throughput did not fall and the
+  latency did (by Little's law it must, when the window bound), the probe was still past
+  the knee, and another comes at once from the lower window; the same throughput and the
+  same latency mean the window did not bind before (a lull in demand), and it goes back;
+  the same latency with less throughput means no queue, the work is slower: that latency
+  is the new base.
   A cut that lowered throughput and not latency asks for a probe the same way. A probe
   whose smaller window held no call back (demand was under it) only measures a base.
 - 429 and 503 halve it, at most once per `_CUT_INTERVAL`: a storm arrives as one burst.
@@ -225,13 +227,15 @@ class ConcurrencyWindow:
             # or did the work itself get slower (longer replies)? A probe tells.
             self._start_probe()
             return
-        # Not a queue of ours: a rise within twice our own loop's lag (a client near a core's
-        # worth of work reads every reply late: bench/pipeline_bench.py at C=500 saw 90 ms
-        # over the base with a p99 lag of 260 ms, and cut windows below what it had to
-        # send), or one that means under one call waiting (`load x (1 - base / mean)`, as
-        # TCP Vegas reads a path's queue: a lull with one call in flight and a slow reply
-        # cut a window to 1).
-        if (mean - base > max(base * _TOLERANCE, _NOISE, 3.0 * error, 2.0 * lag)
+        # Not a queue of ours: twice our own loop's lag comes off the rise before the
+        # tolerance applies (a client near a core's worth of work reads every reply late:
+        # bench/pipeline_bench.py at C=500 saw 90 ms over the base with a p99 lag of 260 ms;
+        # at C=10,000, with a mean lag of 0.45 s and a base 7% low from a first epoch that
+        # saw only the fastest replies of a ramp, lag as an alternative floor instead of an
+        # addend cut an adjudicator from 10,000 to 2,689). Nor is a rise that means under
+        # one call waiting (`load x (1 - base / mean)`, as TCP Vegas reads a path's queue:
+        # a lull with one call in flight and a slow reply cut a window to 1).
+        if (mean - base > max(base * _TOLERANCE, _NOISE, 3.0 * error) + 2.0 * lag
                 and load * (1.0 - base / mean) >= 1.0):
             self._found_knee()
             # By Little's law the server serves throughput x base calls at once; but an
@@ -277,22 +281,35 @@ class ConcurrencyWindow:
             self._base.append(mean)
             self._set(self._restore)
             return
+        before = self._last[0] if self._last is not None else mean
+        if (reference is None or throughput >= reference * 0.9) and mean > before * 0.9:
+            # The same throughput from 3/4 of the calls in flight needs a latency <= 0.83 of
+            # the one before (Little's law), if the window bound then; after a first burst
+            # the queue drains and the latency falls further. It did not fall: the epoch
+            # before had fewer calls out than its window (a lull in a pipeline's demand),
+            # and the throughput says nothing of the knee; whatever queue there was is
+            # under 10% of the latency. Read as "still past the knee", it set an
+            # adjudicator's window at C=10,000 (bench/pipeline_bench.py --scale) to the
+            # 1,669 calls a lull had sent, with no queue anywhere.
+            self._series = False
+            self._set(self._restore)
+            return
         if reference is None or throughput >= reference * 0.9:
-            # A smaller window and the same throughput (or nothing to compare with, after a
-            # first burst): still past the knee, this latency still had a queue in it. Back
-            # to what Little's law allows with it (about 0.8 of the window), probe again.
+            # A smaller window, the same throughput and a lower latency (or nothing to
+            # compare with, after a first burst): still past the knee, this latency still
+            # had a queue in it. Back to what Little's law allows with it (about 0.8 of the
+            # window), probe again.
             self._next_probe = self._epochs + 1
             self._reference = throughput
             self._set(min(self._restore, throughput * self.base * (1.0 + _MARGIN)))
             return
         self._series = False
-        latency = self._last[0] if self._last is not None else mean
-        if mean > latency * (1.0 + _TOLERANCE):
+        if mean > before * (1.0 + _TOLERANCE):
             # Slower under a smaller window: capacity fell during the probe (a replica
             # removed; read as "the work got slower", it set a base of 3x the real one).
             self._set(min(self._restore, load * base / mean * (1.0 + _MARGIN)))
             return
-        if mean > base * (1.0 + _TOLERANCE) and mean >= latency * 0.95:
+        if mean > base * (1.0 + _TOLERANCE) and mean >= before * 0.95:
             # Less throughput and the same latency: the server was not queueing, the work
             # is slower than when the base was measured.
             self._base.clear()
