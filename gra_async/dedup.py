@@ -287,7 +287,14 @@ def copied_from(
         theirs, others = _reference_grams(other)
         if theirs == mine:
             return key
-        if grams and others and len(grams & others) / len(grams | others) >= threshold:
+        if not grams or not others:
+            continue
+        # Jaccard is at most the smaller set's size over the larger's: most references
+        # are ruled out by their sizes, and the rest need no union built.
+        if min(len(grams), len(others)) / max(len(grams), len(others)) < threshold:
+            continue
+        shared = len(grams & others)
+        if shared / (len(grams) + len(others) - shared) >= threshold:
             return key
     return None
 

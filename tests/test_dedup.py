@@ -405,3 +405,18 @@ def test_copied_from_finds_exact_and_near_copies_of_its_examples() -> None:
     assert copied_from("Name a prime number", refs) == "seed:a"
     assert copied_from("Explain why the sky is blue at noon but red at sunset.", refs) is None
     assert copied_from(seed.replace("caller", "user"), refs, threshold=0.99) is None
+
+
+def test_copied_from_agrees_with_jaccard_on_every_pair() -> None:
+    from gra_async.dedup import copied_from, normalize, shingles
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(12)]
+    for _ in range(400):
+        text = " ".join(rng.choices(vocab, k=rng.randint(3, 14)))
+        other = " ".join(rng.choices(vocab, k=rng.randint(3, 14)))
+        threshold = rng.choice([0.3, 0.5, 0.9])
+        mine, theirs = shingles(normalize(text)), shingles(normalize(other))
+        jaccard = len(mine & theirs) / len(mine | theirs)
+        expected = "r" if normalize(text) == normalize(other) or jaccard >= threshold else None
+        assert copied_from(text, {"r": other}, threshold) == expected, (text, other, threshold)
