@@ -11,8 +11,9 @@
 One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the fake
 server. Efficiency = (model calls * L / C) / wall, where wall is the pipeline's own run
 time until the journal has committed it all (start-up and the endpoint probe excluded).
-Prints peak RSS, CPU per call (this process: the orchestrator, the journal, the display
-off) and the event loop's lag (how late a 50 ms timer fires: what every reply waits on
+Prints peak RSS, CPU per call over that wall (this process: the orchestrator, the
+journal's writer, the display off; and, beside it, with start-up and shut-down counted)
+and the event loop's lag (how late a 50 ms timer fires: what every reply waits on
 top of its latency). `--baseline` then sends as many calls at the same concurrency
 through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's `openai` candidate,
 in its own process) against the same server, and prints the ratio of requests per
@@ -83,7 +84,7 @@ async def bench(
     run_dir: Path, urls: list[str], target: int, concurrency: int, metrics: bool = False,
     lags: list[float] | None = None, replicas: int = 1, fixed: bool = False,
     trace: list[str] | None = None,
-) -> tuple[float, int, list[float]]:
+) -> tuple[float, float, int, list[float]]:
     # `replicas` endpoints per model, as a fleet behind one orchestrator would be: one fake
     # server process per replica (endpoints with the same URL and model are one endpoint).
     cap = max(1, concurrency // replicas)
@@ -113,13 +114,14 @@ async def bench(
         lag = asyncio.create_task(_lag(lags)) if lags is not None else None
         watch = asyncio.create_task(_windows(run, trace)) if trace is not None else None
         try:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             await run.pipeline.run()
             ended = time.perf_counter()
             backlog = run.journal.queued - run.journal.committed
             # A run is done when its journal holds it: the writer's backlog counts.
             await run.journal.flush()
             wall = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
             drained = wall - (ended - started)
         finally:
             for task in (lag, watch):
@@ -133,7 +135,7 @@ async def bench(
         calls = run.pipeline.progress.calls_sent
     print(f"journal: {backlog} writes not yet committed when the last task ended, "
           f"committed {drained:.2f} s later (counted in wall)")
-    return wall, calls, scrapes
+    return wall, cpu, calls, scrapes
 
 
 def main() -> None:
@@ -188,12 +190,12 @@ def main() -> None:
                 each.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         return
-    cpu = time.process_time()
+    process_cpu = time.process_time()
     try:
-        wall, calls, scrapes = runner(bench(run_dir, [s.base_url for s in servers], args.target,
+        wall, cpu, calls, scrapes = runner(bench(run_dir, [s.base_url for s in servers], args.target,
                                             args.concurrency, args.metrics, lags, args.replicas,
                                             args.fixed, trace))
-        cpu = time.process_time() - cpu
+        process_cpu = time.process_time() - process_cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
         for each in servers:
@@ -210,8 +212,10 @@ def main() -> None:
     print(f"calls={calls} wall={wall:.2f}s ideal={ideal:.2f}s efficiency={ideal / wall:.2f} "
           f"calls/s={calls / wall:.0f} peak RSS={rss:.0f} MB")
     lags.sort()
-    print(f"CPU per call={cpu / calls * 1e3:.3f} ms (whole process: orchestrator and journal)  "
-          f"loop lag p50={statistics.median(lags) * 1e3:.1f} ms "
+    print(f"CPU per call={cpu / calls * 1e3:.3f} ms over the wall above (this process: the "
+          f"orchestrator and the journal's writer; {process_cpu / calls * 1e3:.3f} ms with start-up "
+          "and shut-down)")
+    print(f"event loop lag p50={statistics.median(lags) * 1e3:.1f} ms "
           f"p99={lags[int(len(lags) * 0.99)] * 1e3:.1f} ms max={lags[-1] * 1e3:.1f} ms")
     if baseline is not None:
         print(f"baseline (AsyncOpenAI + semaphore, same server, C, calls): wall={baseline['wall']:.2f}s "

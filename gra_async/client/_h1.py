@@ -70,6 +70,15 @@ class _Broken(Exception):
     """The connection failed before a whole reply arrived."""
 
 
+class _Expired(Exception):
+    """No whole reply within the read timeout."""
+
+
+def _expire(reply: asyncio.Future[HttpResponse]) -> None:
+    if not reply.done():
+        reply.set_exception(_Expired())
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection, one request at a time."""
 
@@ -260,24 +269,31 @@ class H1Transport:
         if body:
             head.append(body)
         data = b"".join(head)
-        try:
-            async with asyncio.timeout(timeouts.read):
-                return await self._exchange(origin, data, timeouts, label)
-        except TimeoutError:
-            raise timed_out(label, timeouts) from None
-
-    async def _exchange(self, origin: _Origin, data: bytes, timeouts: Timeouts,
-                        label: str) -> HttpResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeouts.read
         # No silent resend on a reused connection that fails: the server may have run the
         # call, and the retry layer above counts every attempt (tests/test_faults.py).
-        connection = self._idle(origin) or await self._connect(origin, timeouts, label)
-        reply: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
-        connection.send(data, reply)
+        connection = self._idle(origin)
+        if connection is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._connect(origin, timeouts, label)
+            except TimeoutError:
+                raise timed_out(label, timeouts) from None
+        reply: asyncio.Future[HttpResponse] = loop.create_future()
+        # A timer on the reply, not `asyncio.timeout` around the await: its enter, exit
+        # and reschedule were ~4% of the main thread at 0 ms latency (py-spy,
+        # bench/pipeline_bench.py --latency 0), for what one TimerHandle does.
+        timer = loop.call_at(deadline, _expire, reply)
         try:
+            connection.send(data, reply)
             response = await reply
+        except _Expired:
+            raise timed_out(label, timeouts) from None
         except _Broken as exc:
             raise ConnectionFailed(f"{label}: connection failed ({exc})", endpoint=label) from None
         finally:
+            timer.cancel()
             if not connection.done:
                 # Cancelled, timed out or broken mid-reply: the rest of it would arrive on
                 # a connection someone else is using.
