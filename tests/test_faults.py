@@ -373,7 +373,9 @@ def test_generator_replica_goes_down_and_comes_back(
     try:
         steady, flaky, panel = servers
         panel.control(rules=mixed_panel_rules())
-        tasks = 200
+        # Enough work to outlast the outage with room to spare: with 200 tasks a clean-clone
+        # CI run once saw no generator retry at all.
+        tasks = 400
         # The flaky replica is listed first: it wins ties on load, so once it is healthy
         # again it takes most of the work, which makes its recovery plain to see.
         config = write_config(
