@@ -287,14 +287,15 @@ def copied_from(
         theirs, others = _reference_grams(other)
         if theirs == mine:
             return key
-        if not grams or not others:
+        size, their_size = len(grams), len(others)
+        if not size or not their_size:
             continue
         # Jaccard is at most the smaller set's size over the larger's: most references
         # are ruled out by their sizes, and the rest need no union built.
-        if min(len(grams), len(others)) / max(len(grams), len(others)) < threshold:
+        if min(size, their_size) / max(size, their_size) < threshold:
             continue
         shared = len(grams & others)
-        if shared / (len(grams) + len(others) - shared) >= threshold:
+        if shared / (size + their_size - shared) >= threshold:
             return key
     return None
 

@@ -282,18 +282,19 @@ class ConcurrencyWindow:
             self._set(self._restore)
             return
         before = self._last[0] if self._last is not None else mean
-        if reference is not None and throughput >= reference * 0.9 and mean > before * 0.9:
-            # The same throughput from 3/4 of the calls in flight needs a latency <= 0.83 of
-            # the one before (Little's law), if the window bound then. It did not fall: the
-            # epoch before had fewer calls out than its window (a lull in a pipeline's
-            # demand), so its throughput says nothing of the knee. Read as "still past the
-            # knee", 8 s replies after a lull cut a window of 10,000 with no queue anywhere
-            # to 6,329 (tests/test_window.py::TestAtScale). After a first burst or a 429
-            # (no reference) the series goes on: its later probes correct a stale base.
-            self._series = False
-            self._set(self._restore)
-            return
         if reference is None or throughput >= reference * 0.9:
+            if reference is not None and mean > before * 0.9:
+                # The same throughput from 3/4 of the calls in flight needs a latency <= 0.83
+                # of the one before (Little's law), if the window bound then. It did not
+                # fall: the epoch before had fewer calls out than its window (a lull in a
+                # pipeline's demand), so its throughput says nothing of the knee. Read as
+                # "still past the knee", 8 s replies after a lull cut a window of 10,000 with
+                # no queue anywhere to 6,329 (tests/test_window.py::TestAtScale). After a
+                # first burst or a 429 (no reference) the series goes on: its later probes
+                # correct a stale base.
+                self._series = False
+                self._set(self._restore)
+                return
             # A smaller window, the same throughput and a lower latency (or nothing to
             # compare with, after a first burst): still past the knee, this latency still
             # had a queue in it. Back to what Little's law allows with it (about 0.8 of the
