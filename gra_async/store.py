@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import queue
@@ -417,6 +418,80 @@ def _embeddings(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, byte
 _Op = tuple[str, tuple[Any, ...]]
 _Group = list[_Op]  # committed together or not at all
 _STOP = object()
+_CALL_INSERT = "INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_SAMPLE_UPSERT = "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?)"
+_SAMPLE_FORGET = "UPDATE samples SET state = 'planned' WHERE task_id = ?"
+# Rows per multi-row INSERT: SQLite before 3.32 binds at most 999 parameters a statement.
+_ROWS_PER_STEP = 128
+_MAX_PARAMS = 999
+
+
+def _execute(conn: sqlite3.Connection, writes: Iterable[_Op | _Group]) -> None:
+    """The writes of one transaction, in as few SQLite steps as their meaning allows.
+
+    The sqlite3 module lets go of the GIL around every step, and with `executemany` a step
+    is one row; each time, the writer waits for the event loop to hand the GIL back. At
+    0 ms latency that made commits of ~3,000 rows take 0.3-1.4 s, and the writer fell
+    ~9,000 rows behind the run (`bench/pipeline_bench.py --latency 0`). So:
+    - a call's row is only ever inserted, once (its key): calls go in together;
+    - a sample's row is replaced whole at each state, so only its last state in the
+      transaction is written (a `forget` after it edits that row; one before it is moot);
+    - every other write keeps its order, and runs of one INSERT become multi-row INSERTs.
+    Rows of different tables commute inside one transaction; the order within each holds.
+    """
+    calls: list[tuple[Any, ...]] = []
+    samples: dict[str, tuple[Any, ...]] = {}
+    forgotten: dict[str, None] = {}
+    ordered: list[_Op] = []
+    for write in writes:
+        for op in write if isinstance(write, list) else (write,):
+            sql, params = op
+            if sql == _CALL_INSERT:
+                calls.append(params)
+            elif sql == _SAMPLE_UPSERT:
+                samples[params[0]] = params
+                forgotten.pop(params[0], None)
+            elif sql == _SAMPLE_FORGET:
+                row = samples.get(params[0])
+                if row is None:
+                    forgotten[params[0]] = None
+                else:
+                    samples[params[0]] = (*row[:3], "planned", *row[4:])
+            else:
+                ordered.append(op)
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i][0] != ordered[start][0]:
+            _many(conn, ordered[start][0], [params for _, params in ordered[start:i]])
+            start = i
+    _many(conn, _CALL_INSERT, calls)
+    _many(conn, _SAMPLE_UPSERT, list(samples.values()))
+    _many(conn, _SAMPLE_FORGET, [(task_id,) for task_id in forgotten])
+
+
+def _many(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """`executemany`, with an INSERT's rows sent many to a statement."""
+    if not rows:
+        return
+    if len(rows) == 1 or not sql.startswith("INSERT") or not rows[0]:
+        conn.executemany(sql, rows)
+        return
+    per = min(_ROWS_PER_STEP, _MAX_PARAMS // len(rows[0]))
+    done = 0
+    while done < len(rows):
+        left = len(rows) - done
+        # Full statements, then powers of two: a few distinct statements for the cache.
+        count = per if left >= per else 1 << (left.bit_length() - 1)
+        conn.execute(_rows_sql(sql, count),
+                     [value for row in rows[done:done + count] for value in row])
+        done += count
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_sql(sql: str, count: int) -> str:
+    """`INSERT ... VALUES (?,?)` for `count` rows: `... VALUES (?,?),(?,?),...`."""
+    head, values, row = sql.rpartition(" VALUES ")
+    return head + values + ",".join([row] * count)
 
 
 class Journal:
@@ -586,7 +661,7 @@ class Journal:
 
     def record_call(self, record: CallRecord) -> None:
         self._put((
-            "INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            _CALL_INSERT,
             (record.key, record.task_id, record.role, record.model, record.endpoint,
              record.content, record.finish_reason, record.prompt_tokens,
              record.completion_tokens, record.latency, record.attempts, time.time()),
@@ -595,7 +670,7 @@ class Journal:
     def record_sample(self, sample: SampleRecord) -> None:
         """An accepted sample is committed together with its dedup fingerprint, if indexed."""
         write = (
-            "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?)",
+            _SAMPLE_UPSERT,
             (sample.task_id, sample.round, sample.index, sample.state, sample.domain,
              orjson.dumps(list(sample.seed_ids)).decode(), orjson.dumps(sample.body).decode(),
              time.time()),
@@ -626,7 +701,7 @@ class Journal:
 
     def forget_sample(self, task_id: str) -> None:
         """A cancelled task goes back to `planned` (in_progress is 0 after every exit)."""
-        self._put(("UPDATE samples SET state = 'planned' WHERE task_id = ?", (task_id,)))
+        self._put((_SAMPLE_FORGET, (task_id,)))
 
     def commit_fingerprint(self, task_id: str) -> None:
         """Write the fingerprint of a sample that is accepted already (see `fingerprints`)."""
@@ -718,19 +793,7 @@ class Journal:
             return True
         try:
             self._conn.execute("BEGIN")
-            # Runs of the same statement go to executemany (a loop in C); order is kept,
-            # and groups stay whole: everything here is one transaction.
-            sql: str | None = None
-            rows: list[Any] = []
-            for write in writes:
-                for statement, params in write if isinstance(write, list) else (write,):
-                    if statement != sql:
-                        if rows:
-                            self._conn.executemany(sql, rows)  # type: ignore[arg-type]
-                        sql, rows = statement, []
-                    rows.append(params)
-            if rows:
-                self._conn.executemany(sql, rows)  # type: ignore[arg-type]
+            _execute(self._conn, writes)
             self._conn.execute("COMMIT")
         except Exception as exc:  # any failure must reach the event loop
             # Not only DatabaseError: an InterfaceError ("bad parameter or other API misuse")

@@ -4,11 +4,13 @@ write that stops the run instead of vanishing with the thread."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from gra_async import store
 from gra_async.errors import RunDirError
 from gra_async.store import CallRecord, Journal, SampleRecord
 
@@ -77,3 +79,49 @@ def test_a_write_the_database_refuses_fails_the_next_write_and_the_close(tmp_pat
             await journal.close()
 
     asyncio.run(go())
+
+
+def test_one_commit_of_mixed_writes_equals_them_applied_one_by_one(tmp_path: Path) -> None:
+    """The writer folds a commit's writes into few statements (calls together, a sample's
+    last state, multi-row INSERTs); the tables must end as if each write ran in turn."""
+    rng = random.Random(7)
+    tasks = [f"t{i}" for i in range(40)]
+    ops: list[tuple[str, tuple[object, ...]]] = []
+    for n in range(3000):
+        kind = rng.random()
+        task = rng.choice(tasks)
+        if kind < 0.45:  # a key seen before is ignored, as a resumed call's is
+            key = f"k{rng.randrange(1500)}"
+            ops.append((store._CALL_INSERT, (key, task, "reviewer", "m", "e", f"c{n}", "stop",
+                                             n, n, 0.5, 1, float(n))))
+        elif kind < 0.8:
+            state = rng.choice(["planned", "generated", "reviewed", "accepted"])
+            ops.append((store._SAMPLE_UPSERT, (task, 1, n, state, "d", "[]", f'{{"n":{n}}}',
+                                               float(n))))
+        elif kind < 0.88:
+            ops.append((store._SAMPLE_FORGET, (task,)))
+        elif kind < 0.94:
+            ops.append(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (f"m{rng.randrange(5)}", str(n))))
+        else:
+            ops.append(("INSERT OR IGNORE INTO dedup_keys (task_id, digest, buckets, shingles) "
+                        "VALUES (?, ?, ?, ?)", (task, n, b"b", None)))
+
+    def tables(conn: sqlite3.Connection) -> list[list[tuple[object, ...]]]:
+        return [conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+                for table in ("calls", "samples", "meta", "dedup_keys")]
+
+    folded, stepwise = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
+    for path in (folded, stepwise):
+        with sqlite3.connect(path) as conn:
+            conn.executescript(store._SCHEMA)
+    with sqlite3.connect(folded) as conn:
+        # Groups as the journal queues them, sizes that leave remainders of every kind.
+        store._execute(conn, [ops[:1], *ops[1:1000], ops[1000:1777], *ops[1777:]])
+        got = tables(conn)
+    with sqlite3.connect(stepwise) as conn:
+        for sql, params in ops:
+            conn.execute(sql, params)
+        expected = tables(conn)
+    assert got == expected
+    assert all(expected)  # every table got rows, so each kind of write was compared
