@@ -12,10 +12,11 @@ One full `run` (generate -> 2 reviews -> sometimes the adjudicator) against the 
 server. Efficiency = (model calls * L / C) / wall, where wall is the pipeline's own run
 time until the journal has committed it all (start-up and the endpoint probe excluded).
 Prints peak RSS, CPU per call over that wall (this process: the orchestrator, the
-journal's writer, the display off; and, beside it, with start-up and shut-down counted)
-and the event loop's lag (how late a 50 ms timer fires: what every reply waits on
-top of its latency). `--baseline` then sends as many calls at the same concurrency
-through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's `openai` candidate,
+journal's writer, the display off; and, beside it, with start-up and shut-down counted),
+the event loop's lag (how late a 50 ms timer fires: what every reply waits on top of its
+latency) and the garbage collector's passes (timed with gc.callbacks, under the run's own
+settings: `_resources.collector_for_run`). `--baseline` then sends as many calls at the
+same concurrency through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's `openai` candidate,
 in its own process) against the same server, and prints the ratio of requests per
 second. `--flags` runs `python -m gra_async run` instead, from a directory outside the
 checkout, with `--concurrency` and four `--endpoint` flags and nothing else; its pipeline
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -40,6 +42,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from gra_async.config import load_config
 from gra_async.defaults import CRITERIA
@@ -138,6 +141,38 @@ async def bench(
     return wall, cpu, calls, scrapes
 
 
+class _CollectorClock:
+    """The garbage collector's passes while it is entered, timed with gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.total = self.longest = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.passes += 1
+        self.total += pause
+        self.longest = max(self.longest, pause)
+
+    def __enter__(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def _loop(job: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(job)
+    return uvloop.run(job)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=int, default=1500, help="accepted samples (~3.3 calls each)")
@@ -164,12 +199,6 @@ def main() -> None:
     if args.scale:
         args.concurrency, args.latency, args.jitter, args.target = 10_000, 8.0, 2.0, 30_000
     _raise_fd_limit()
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
     # rev-c scores at random (the server's default): agreement, rejection and the
     # adjudicator all occur, as in a real run.
     servers = [FakeServerProcess.start(
@@ -190,11 +219,13 @@ def main() -> None:
                 each.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         return
+    collector = _CollectorClock()
     process_cpu = time.process_time()
     try:
-        wall, cpu, calls, scrapes = runner(bench(run_dir, [s.base_url for s in servers], args.target,
-                                            args.concurrency, args.metrics, lags, args.replicas,
-                                            args.fixed, trace))
+        job = bench(run_dir, [s.base_url for s in servers], args.target, args.concurrency,
+                    args.metrics, lags, args.replicas, args.fixed, trace)
+        with collector:
+            wall, cpu, calls, scrapes = _loop(job)
         process_cpu = time.process_time() - process_cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
@@ -217,6 +248,8 @@ def main() -> None:
           "and shut-down)")
     print(f"event loop lag p50={statistics.median(lags) * 1e3:.1f} ms "
           f"p99={lags[int(len(lags) * 0.99)] * 1e3:.1f} ms max={lags[-1] * 1e3:.1f} ms")
+    print(f"garbage collector: {collector.passes} passes, {collector.total:.2f} s "
+          f"(start-up and shut-down counted), longest pause {collector.longest * 1e3:.0f} ms")
     if baseline is not None:
         print(f"baseline (AsyncOpenAI + semaphore, same server, C, calls): wall={baseline['wall']:.2f}s "
               f"calls/s={calls / baseline['wall']:.0f} CPU per call={baseline['cpu'] / calls * 1e3:.3f} ms "

@@ -60,6 +60,6 @@ with collector_for_run():
 def test_a_run_makes_full_collections_rare_and_puts_the_collector_back() -> None:
     out = subprocess.run([sys.executable, "-c", COLLECTOR], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out[0] == ("(700, 10, 10) ((700, 10, 1000), True) (700, 10, 1000) (700, 10, 1000) "
-                      "(700, 10, 10) 0")
+    assert out[0] == ("(700, 10, 10) ((20000, 10, 1000), True) (20000, 10, 1000) "
+                      "(20000, 10, 1000) (700, 10, 10) 0")
     assert out[1] == "(700, 10, 10) False 0"  # the application's choice stands
