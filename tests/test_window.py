@@ -9,15 +9,19 @@ replies that get slower for reasons that are not a queue).
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import random
 import statistics
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from gra_async.client import AiohttpTransport, ChatRequest, Endpoint, EndpointPool
+from gra_async.client._lag import loop_lag
 from gra_async.client._window import ConcurrencyWindow
 from gra_async.config import EndpointConfig
 from gra_async.testing.fake_server import FakeServerProcess
@@ -282,3 +286,28 @@ class TestAtScale:
             assert window.limit == 10_000
         else:
             assert window.limit < 7_500 * 1.1
+
+
+def test_the_loop_lag_is_read_on_each_loop_and_keeps_no_finished_loop_alive() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    def block(seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def busy() -> float:
+        loop_lag()  # starts this loop's monitor
+        await asyncio.sleep(0.01)
+        block(0.2)  # the loop held up: its next tick fires ~0.2 s late
+        await asyncio.sleep(0.005)  # the late tick runs; the one after is not due yet
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return loop_lag()
+
+    async def idle() -> float:
+        loop_lag()
+        await asyncio.sleep(0.1)
+        return loop_lag()
+
+    assert asyncio.run(busy()) > 0.1
+    assert asyncio.run(idle()) < 0.1  # another loop: not the first one's lag
+    gc.collect()
+    assert loops[0]() is None

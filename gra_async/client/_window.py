@@ -88,15 +88,18 @@ class ConcurrencyWindow:
         "_settling",
         "_square_sum",
         "_started",
+        "_value",
         "adaptive",
         "cap",
-        "value",
+        "limit",
     )
 
     def __init__(self, cap: int, *, adaptive: bool = True) -> None:
         self.cap = cap
         self.adaptive = adaptive
-        self.value = float(cap)
+        self._value = float(cap)
+        # The window in whole calls, read at every admission: kept, not computed per read.
+        self.limit = max(1, cap)
         self._base: deque[float] = deque(maxlen=_BASE_EPOCHS)
         self._started: float | None = None  # when this epoch began; None before any reply
         self._replies = 0  # every reply of this epoch, for its throughput
@@ -123,8 +126,14 @@ class ConcurrencyWindow:
         self._cut: tuple[float, float] | None = None  # (latency, throughput) at the last cut
 
     @property
-    def limit(self) -> int:
-        return max(1, int(self.value))
+    def value(self) -> float:
+        """The window, fractional (growth adds fractions of a call)."""
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value = value
+        self.limit = max(1, int(value))
 
     @property
     def base(self) -> float:
