@@ -22,6 +22,7 @@ text is defused (`<` becomes `&lt;`) so a sample cannot close its own block.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,17 +141,27 @@ class Template:
 
     def render(self, values: Mapping[str, str]) -> list[dict[str, str]]:
         """Chat messages; every value is inserted verbatim, in one pass."""
-        def fill(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in values:
-                raise ConfigError(f"{self.source}: no value for placeholder {{{{{name}}}}}")
-            return values[name]
-
         messages = []
         if self.system:
-            messages.append({"role": "system", "content": _PLACEHOLDER.sub(fill, self.system)})
-        messages.append({"role": "user", "content": _PLACEHOLDER.sub(fill, self.user)})
+            messages.append({"role": "system", "content": self._fill(self.system, values)})
+        messages.append({"role": "user", "content": self._fill(self.user, values)})
         return messages
+
+    def _fill(self, text: str, values: Mapping[str, str]) -> str:
+        pieces = list(_pieces(text))
+        for i in range(1, len(pieces), 2):
+            name = pieces[i]
+            if name not in values:
+                raise ConfigError(f"{self.source}: no value for placeholder {{{{{name}}}}}")
+            pieces[i] = values[name]
+        return "".join(pieces)
+
+
+@functools.lru_cache(maxsize=256)
+def _pieces(text: str) -> tuple[str, ...]:
+    """`text` cut at its placeholders: literal, name, literal, ..., literal. Made once per
+    template text (re.sub with a function per reply was ~2% of the event loop's CPU)."""
+    return tuple(_PLACEHOLDER.split(text))
 
 
 def _criteria_line(criteria: Sequence[str]) -> str:
