@@ -17,6 +17,7 @@ compresses anyway (gzip, deflate) is decoded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import os
 import socket
@@ -53,6 +54,7 @@ def _user_agent() -> str:
 _FIXED_HEADERS = f"\r\nUser-Agent: {_user_agent()}\r\nAccept-Encoding: identity\r\n".encode()
 
 
+@functools.lru_cache(maxsize=1024)  # an endpoint sends the same few headers every call
 def _header(name: str, value: str, label: str) -> bytes:
     line = f"{name}: {value}\r\n"
     if "\n" in line[:-1] or "\r" in line[:-2]:
