@@ -431,8 +431,9 @@ def _execute(conn: sqlite3.Connection, writes: Iterable[_Op | _Group]) -> None:
 
     The sqlite3 module lets go of the GIL around every step, and with `executemany` a step
     is one row; each time, the writer waits for the event loop to hand the GIL back. At
-    0 ms latency that made commits of ~3,000 rows take 0.3-1.4 s, and the writer fell
-    ~9,000 rows behind the run (`bench/pipeline_bench.py --latency 0`). So:
+    0 ms latency that made commits of ~3,000 rows take 0.3-1.4 s, and 8,700-19,000 of a
+    run's ~30,000 writes were still queued at its end (`bench/pipeline_bench.py
+    --latency 0`; 500-1,300 with this). So:
     - a call's row is only ever inserted, once (its key): calls go in together;
     - a sample's row is replaced whole at each state, so only its last state in the
       transaction is written (a `forget` after it edits that row; one before it is moot);
@@ -473,7 +474,7 @@ def _many(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> No
     """`executemany`, with an INSERT's rows sent many to a statement."""
     if not rows:
         return
-    if len(rows) == 1 or not sql.startswith("INSERT") or not rows[0]:
+    if len(rows) == 1 or not sql.startswith("INSERT") or " VALUES (" not in sql or not rows[0]:
         conn.executemany(sql, rows)
         return
     per = min(_ROWS_PER_STEP, _MAX_PARAMS // len(rows[0]))
