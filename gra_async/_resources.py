@@ -57,8 +57,9 @@ _FULL_PASS_EVERY = 1000
 # A young (gen 0) pass once this many objects more are alive instead of CPython's 700:
 # each young pass scans what is new, and at thousands of calls in flight most of it is
 # still alive, moved up only to be scanned again by the middle generation. At C = 10,000
-# the collector took 12.8 s of a run's ~98 s of CPU with 700, 6.8-7.2 s with this, and
-# its longest pause stayed 0.7-1.0 s (bench/pipeline_bench.py --scale, which times them).
+# the collector took 12.8 s of a run's ~98 s of CPU with 700, 6.8-7.9 s with this; its
+# longest pause grew from 0.58-0.77 s to 0.81-1.04 s, under the 2-2.5 s the event loop's
+# lag reaches at times either way (bench/pipeline_bench.py --scale, which times them).
 _YOUNG_PASS_AFTER = 20_000
 _tuned = 0
 _saved: tuple[tuple[int, int, int], bool] | None = None
