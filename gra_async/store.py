@@ -433,7 +433,7 @@ def _execute(conn: sqlite3.Connection, writes: Iterable[_Op | _Group]) -> None:
     is one row; each time, the writer waits for the event loop to hand the GIL back. At
     0 ms latency that made commits of ~3,000 rows take 0.3-1.4 s, and 8,700-19,000 of a
     run's ~30,000 writes were still queued at its end (`bench/pipeline_bench.py
-    --latency 0`; 500-1,300 with this). So:
+    --latency 0`; 480-1,300 with this). So:
     - a call's row is only ever inserted, once (its key): calls go in together;
     - a sample's row is replaced whole at each state, so only its last state in the
       transaction is written (a `forget` after it edits that row; one before it is moot);
