@@ -16,9 +16,9 @@ journal's writer, the display off; and, beside it, with start-up and shut-down c
 the event loop's lag (how late a 50 ms timer fires: what every reply waits on top of its
 latency) and the garbage collector's passes (timed with gc.callbacks, under the run's own
 settings: `_resources.collector_for_run`). `--baseline` then sends as many calls at the
-same concurrency through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's `openai` candidate,
-in its own process) against the same server, and prints the ratio of requests per
-second. `--flags` runs `python -m gra_async run` instead, from a directory outside the
+same concurrency through a bare AsyncOpenAI + semaphore loop (bench/client_bench.py's
+`openai` candidate, in its own process) against the same server, and prints the ratio
+of requests per second. `--flags` runs `python -m gra_async run` instead, from a directory outside the
 checkout, with `--concurrency` and four `--endpoint` flags and nothing else; its pipeline
 time is read from the journal (first call sent to last reply), and the command's whole
 wall time is printed beside it.
@@ -42,8 +42,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
+from gra_async._concurrency import run_coroutine
 from gra_async.config import load_config
 from gra_async.defaults import CRITERIA
 from gra_async.metrics import MetricsServer
@@ -165,14 +165,6 @@ class _CollectorClock:
         gc.callbacks.remove(self._callback)
 
 
-def _loop(job: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(job)
-    return uvloop.run(job)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=int, default=1500, help="accepted samples (~3.3 calls each)")
@@ -225,7 +217,7 @@ def main() -> None:
         job = bench(run_dir, [s.base_url for s in servers], args.target, args.concurrency,
                     args.metrics, lags, args.replicas, args.fixed, trace)
         with collector:
-            wall, cpu, calls, scrapes = _loop(job)
+            wall, cpu, calls, scrapes = run_coroutine(job)
         process_cpu = time.process_time() - process_cpu
         baseline = _baseline(server.base_url, calls, args.concurrency) if args.baseline else None
     finally:
